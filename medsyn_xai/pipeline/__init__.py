@@ -1,0 +1,1 @@
+"""Jobs and daemons' building blocks: generation, explanation, the inbox queue."""

