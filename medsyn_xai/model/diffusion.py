@@ -3,8 +3,9 @@
 Notation (t is continuous in [0, 1]; t = 1 is pure noise):
 
 =================  ============================================================
-``alpha_bar(t)``   signal fraction, cos^2(pi/2 * (t + s) / (1 + s)) normalised to
-                   alpha_bar(0) = 1, with s = 0.008
+``alpha_bar(t)``   signal fraction cos^2(pi/2 * (t + s) / (1 + s)) with s = 0.008,
+                   as in MedSyn's training code (not renormalised, so
+                   alpha_bar(0) = 0.99984)
 ``x_t``            sqrt(alpha_bar) * x0 + sqrt(1 - alpha_bar) * noise
 ``x0_hat``         the network's prediction of x0, clipped to [-1, 1]
 ``eps_hat``        the noise implied by x_t and x0_hat
@@ -60,9 +61,7 @@ class SamplingObserver(Protocol):
 def alpha_bar(t: torch.Tensor) -> torch.Tensor:
     """Cosine signal fraction at continuous time ``t`` in [0, 1]; same shape as ``t``."""
     t = t.to(torch.float64)
-    numerator = torch.cos((t + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
-    denominator = math.cos(COSINE_OFFSET / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
-    return (numerator / denominator).clamp(0.0, 1.0)
+    return (torch.cos((t + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2).clamp(0.0, 1.0)
 
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -155,9 +154,10 @@ def sample(
             x0_hat = x0_null + guidance_scale * (x0_hat - x0_null)
         x0_hat = x0_hat.clamp(-1.0, 1.0)
 
-        # 2. DDIM update: keep the implied noise, move the signal to time s.
+        # 2. DDIM update: keep the implied noise, move the signal to time s. The
+        #    last step returns the prediction itself.
         alpha_t, alpha_s = float(alpha_bar(t)), float(alpha_bar(s))
-        if alpha_s >= 1.0:
+        if step == steps - 1:
             x = x0_hat
         else:
             eps_hat = (x - math.sqrt(alpha_t) * x0_hat) / math.sqrt(max(1.0 - alpha_t, 1e-12))

