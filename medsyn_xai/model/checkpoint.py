@@ -22,7 +22,7 @@ import hashlib
 import json
 import pickle
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -64,6 +64,9 @@ class LoadedModel:
         source: the file the weights came from, or "" for random initialisation.
         sha256: hex SHA-256 of that file, or "" for random initialisation.
         weights: "ema", "raw", "file" (own format) or "random-init".
+        native_shape: (F, H, W) the weights were trained at, when the file records it.
+        channel_names: names of the output channels, when the file records them.
+        metadata: the remaining string metadata of an own ``.safetensors`` file.
     """
 
     model: Unet3D
@@ -71,6 +74,9 @@ class LoadedModel:
     source: str
     sha256: str
     weights: str
+    native_shape: tuple[int, int, int] | None = None
+    channel_names: tuple[str, ...] | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def file_sha256(path: Path) -> str:
@@ -203,9 +209,33 @@ def load_safetensors(path: Path) -> LoadedModel:
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"checkpoint file '{path}' has an invalid embedded config: {error}") from None
 
+    native_shape = channel_names = None
+    try:
+        if "native_shape" in metadata:
+            native_shape = tuple(int(size) for size in json.loads(metadata["native_shape"]))
+        if "channel_names" in metadata:
+            channel_names = tuple(str(name) for name in json.loads(metadata["channel_names"]))
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"checkpoint file '{path}' has invalid grid or channel metadata: {error}") from None
+    if native_shape is not None and len(native_shape) != 3:
+        raise CheckpointError(f"checkpoint file '{path}' records native_shape {native_shape}: expected 3 sizes")
+    if channel_names is not None and len(channel_names) != config.channels:
+        raise CheckpointError(
+            f"checkpoint file '{path}' names {len(channel_names)} channels for a {config.channels}-channel model"
+        )
+
     model = Unet3D(config)
     _check_and_load(model, fill_shared_self_attention(_read_tensor_file(path)), path)
-    return LoadedModel(model=model.eval(), config=config, source=str(path), sha256=file_sha256(path), weights="file")
+    return LoadedModel(
+        model=model.eval(),
+        config=config,
+        source=str(path),
+        sha256=file_sha256(path),
+        weights="file",
+        native_shape=native_shape,
+        channel_names=channel_names,
+        metadata={key: value for key, value in metadata.items() if key not in ("format", "config")},
+    )
 
 
 def load_checkpoint(path: str | Path, config: UnetConfig, *, use_ema: bool = True) -> LoadedModel:

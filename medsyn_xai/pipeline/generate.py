@@ -148,7 +148,7 @@ class StudyGenerator:
                 f"text.max_tokens is {self.text_encoder.max_tokens} but the model was built for "
                 f"{config.text_tokens} tokens: set text.max_tokens = {config.text_tokens}"
             )
-        channel_names = settings.model.channel_names
+        channel_names = self.channel_names
         if len(channel_names) != config.channels:
             raise ValueError(
                 f"model.channel_names lists {len(channel_names)} channels but the model has {config.channels}: "
@@ -168,15 +168,26 @@ class StudyGenerator:
             "checkpoint": self.loaded.source,
             "checkpoint_sha256": self.loaded.sha256,
             "config": self.loaded.config.to_dict(),
-            "channel_names": list(self.settings.model.channel_names),
+            "channel_names": list(self.channel_names),
             "native_shape": list(self.native_shape),
         }
 
     @property
     def native_shape(self) -> tuple[int, int, int]:
-        """(F, H, W) the denoiser generates before resizing to the output grid."""
+        """(F, H, W) the denoiser generates before resizing to the output grid.
+
+        A checkpoint that records its training grid sets it; otherwise
+        ``model.depth``, ``model.height`` and ``model.width`` do.
+        """
+        if self.loaded.native_shape is not None:
+            return self.loaded.native_shape
         model = self.settings.model
         return (model.depth, model.height, model.width)
+
+    @property
+    def channel_names(self) -> tuple[str, ...]:
+        """Output channel names, CT first, from the checkpoint or ``model.channel_names``."""
+        return self.loaded.channel_names or self.settings.model.channel_names
 
     def generate(
         self,
@@ -223,7 +234,7 @@ class StudyGenerator:
         token_maps = capture.token_maps(self.native_shape[1] // factor, self.native_shape[2] // factor)
 
         output = self.settings.output
-        ct, masks = decode_volume(x0, self.settings.model.channel_names, output.grid)
+        ct, masks = decode_volume(x0, self.channel_names, output.grid)
         attrs = {
             "seed": seed,
             "sampler": {

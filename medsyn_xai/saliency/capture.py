@@ -16,7 +16,7 @@ classifier-free guidance is never recorded.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator, Sequence
 
 import torch
@@ -25,7 +25,7 @@ from einops import rearrange
 from medsyn_xai.model.layers import CrossAttention, CrossAttentionProcessor
 from medsyn_xai.model.unet import Unet3D
 
-__all__ = ["SaliencyCapture", "SaliencyError"]
+__all__ = ["ObserverGroup", "SaliencyCapture", "SaliencyError"]
 
 
 class SaliencyError(RuntimeError):
@@ -33,14 +33,20 @@ class SaliencyError(RuntimeError):
 
 
 class _RecordingProcessor(CrossAttentionProcessor):
-    """Processor that forwards the probabilities of one layer to its capture."""
+    """Processor that forwards the probabilities of one layer to its capture.
 
-    def __init__(self, capture: "SaliencyCapture", layer: int) -> None:
+    It also passes them on to the processor it replaced, so captures with
+    different layer and step selections can be nested around one sampling run.
+    """
+
+    def __init__(self, capture: "SaliencyCapture", layer: int, previous: CrossAttentionProcessor) -> None:
         self.capture = capture
         self.layer = layer
+        self.previous = previous
 
     def observe(self, attention: CrossAttention, probabilities: torch.Tensor) -> None:
         self.capture._record(self.layer, probabilities)
+        self.previous.observe(attention, probabilities)
 
 
 class SaliencyCapture:
@@ -56,7 +62,9 @@ class SaliencyCapture:
     Pass the capture as ``observer`` to :func:`medsyn_xai.model.diffusion.sample`
     inside the ``with`` block, then read :meth:`token_maps`. Entering installs a
     recording processor on each layer; leaving restores the previous processors,
-    also when the block raises. A capture cannot be entered twice at once.
+    also when the block raises. A capture cannot be entered twice at once, but
+    several captures can be nested and driven together through an
+    :class:`ObserverGroup`.
 
     Example::
 
@@ -98,7 +106,7 @@ class SaliencyCapture:
             raise SaliencyError("this SaliencyCapture is already active: create a new one per sampling run")
         self._saved_processors = [layer.processor for layer in self._layers_hooked]
         for index, layer in enumerate(self._layers_hooked):
-            layer.processor = _RecordingProcessor(self, index)
+            layer.processor = _RecordingProcessor(self, index, layer.processor)
         self._sum = None
         self._count = 0
         self.steps_seen = 0
@@ -183,3 +191,32 @@ class SaliencyCapture:
             height = width = side
         mean = self._sum / self._count
         return rearrange(mean, "t f (y x) -> t f y x", y=height, x=width).cpu()
+
+
+class ObserverGroup:
+    """Several sampling observers (for example nested captures) acting as one.
+
+    Pass it as ``observer`` to :func:`medsyn_xai.model.diffusion.sample`; each
+    event reaches every member in order.
+    """
+
+    def __init__(self, *observers) -> None:
+        self.observers = observers
+
+    def begin_step(self, step: int, t: float) -> None:
+        for observer in self.observers:
+            observer.begin_step(step, t)
+
+    @contextmanager
+    def conditional(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            for observer in self.observers:
+                stack.enter_context(observer.conditional())
+            yield
+
+    @contextmanager
+    def unconditional(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            for observer in self.observers:
+                stack.enter_context(observer.unconditional())
+            yield

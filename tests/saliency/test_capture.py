@@ -128,3 +128,21 @@ def test_resize_maps_keeps_constant_and_shape():
     constant = resize_maps(torch.full((1, 4, 2, 2), 0.25), (8, 8, 8))
     assert torch.allclose(constant, torch.full_like(constant, 0.25))
     assert resize_maps(torch.zeros(0, 4, 2, 2), (8, 8, 8)).shape == (0, 8, 8, 8)
+
+
+def test_nested_captures_see_same_run(model, context):
+    from medsyn_xai.saliency.capture import ObserverGroup
+
+    full = SaliencyCapture(model)
+    last = SaliencyCapture(model, layers=[3], steps=[2])
+    with full, last:
+        sample(model, context, shape=SHAPE, seed=5, steps=3, observer=ObserverGroup(full, last))
+
+    alone = SaliencyCapture(model, layers=[3], steps=[2])
+    run(model, context, alone, steps=3)
+    single = SaliencyCapture(model)
+    run(model, context, single, steps=3)
+
+    assert torch.allclose(last.token_maps(*GRID), alone.token_maps(*GRID))
+    assert torch.allclose(full.token_maps(*GRID), single.token_maps(*GRID))
+    assert all(type(layer.processor) is CrossAttentionProcessor for layer in model.cross_attention_layers())
