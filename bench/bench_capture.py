@@ -90,14 +90,14 @@ def time_sampling(config: Path | None, repeats: int) -> dict:
     }
 
 
-def peak_memory_child(config: str, steps: int) -> None:
+def peak_memory_child(config: Path | None, steps: int) -> None:
     """Sample once with capture at ``steps`` steps and print the peak RSS in KiB."""
     from medsyn_xai.config import load_settings
     from medsyn_xai.model.diffusion import sample
     from medsyn_xai.pipeline.generate import StudyGenerator
     from medsyn_xai.saliency.capture import SaliencyCapture
 
-    settings = load_settings(config or None)
+    settings = load_settings(config)
     generator = StudyGenerator(settings)
     context = generator.text_encoder.encode("Small nodule in the right lower lobe.").embeddings
     with SaliencyCapture(generator.model) as capture:
@@ -109,12 +109,10 @@ def peak_memory_child(config: str, steps: int) -> None:
 def measure_memory(config: Path | None) -> dict:
     peaks = {}
     for steps in (10, 50):
-        output = subprocess.run(
-            [sys.executable, __file__, "--memory-child", str(steps), "--config", str(config or "")],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        command = [sys.executable, __file__, "--memory-child", str(steps)]
+        if config is not None:
+            command += ["--config", str(config)]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         peaks[steps] = int(output.strip().splitlines()[-1])
     return {
         "peak_rss_kib_10_steps": peaks[10],
@@ -132,7 +130,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.memory_child is not None:
-        peak_memory_child(str(args.config or ""), args.memory_child)
+        peak_memory_child(args.config, args.memory_child)
         return
 
     import torch

@@ -23,16 +23,20 @@ from typing import Any, Literal, Mapping
 __all__ = [
     "ConfigError",
     "ModelSettings",
+    "NerSettings",
     "SaliencySettings",
     "SamplerSettings",
     "Settings",
     "TextSettings",
+    "TrainSettings",
     "OutputSettings",
+    "EVAL_SEED_OFFSET",
     "load_settings",
     "ENV_PREFIX",
 ]
 
 ENV_PREFIX = "MEDSYN_XAI__"
+EVAL_SEED_OFFSET = 10_000_000
 
 
 class ConfigError(ValueError):
@@ -124,6 +128,58 @@ class OutputSettings:
 
 
 @dataclass(frozen=True)
+class TrainSettings:
+    """Training settings for ``medsyn-xai train``.
+
+    ``data`` selects synthetic phantoms or ``nifti_folder`` (NIfTI CTs with a
+    ``reports.csv``). Phantom cases use seeds ``seed_offset`` to
+    ``seed_offset + cases - 1``; evaluation uses seeds from ``EVAL_SEED_OFFSET``
+    on, so the two never overlap. The loss is the mean squared error on x0,
+    weighted per channel by ``channel_weights`` (empty means 1 each) and by
+    ``lesion_weight`` at voxels inside the lesion mask. ``cond_drop_prob`` is the
+    probability of replacing the text with the learned null embedding.
+    """
+
+    data: Literal["phantom", "nifti"] = "phantom"
+    nifti_folder: str = ""
+    out_dir: str = "runs/default-model"
+    cases: int = 2000
+    seed_offset: int = 0
+    phantom_shape: tuple[int, int, int] = (32, 32, 32)
+    max_findings: int = 2
+    steps: int = 4000
+    batch_size: int = 8
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    ema_start: int = 200
+    cond_drop_prob: float = 0.1
+    lesion_weight: float = 6.0
+    channel_weights: tuple[float, ...] = ()
+    checkpoint_every: int = 250
+    log_every: int = 25
+    seed: int = 0
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class NerSettings:
+    """Entity extraction settings for ``medsyn-xai ner`` and ``medsyn-xai explain``.
+
+    ``backend`` is "rules" (lexicon and ConText rules, offline) or "transformer"
+    (a local Hugging Face token-classification folder). ``model_folder`` is that
+    folder and is read only by the transformer backend. ``label_map`` names the
+    scheme that maps the model's entity types onto FINDING, BODY_PART and MODIFIER:
+    "medsyn" (a model trained on those three labels), "radgraph" or "stanza".
+    """
+
+    backend: Literal["rules", "transformer"] = "rules"
+    model_folder: str = ""
+    label_map: Literal["medsyn", "radgraph", "stanza"] = "medsyn"
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings of one process."""
 
@@ -132,6 +188,8 @@ class Settings:
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
     saliency: SaliencySettings = field(default_factory=SaliencySettings)
     output: OutputSettings = field(default_factory=OutputSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    ner: NerSettings = field(default_factory=NerSettings)
 
 
 def load_settings(

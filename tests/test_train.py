@@ -1,0 +1,107 @@
+"""Training loop: the loss falls on a fixed batch and a resumed run matches."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from medsyn_xai.config import ModelSettings, Settings, TextSettings, TrainSettings
+from medsyn_xai.model.checkpoint import load_safetensors
+from medsyn_xai.model.diffusion import TIME_SCALE, q_sample
+from medsyn_xai.train import Trainer, TrainingError, weighted_x0_loss
+
+TOKENS = 24
+
+
+def settings_for(out_dir, **overrides) -> Settings:
+    train = {
+        "out_dir": str(out_dir), "cases": 4, "batch_size": 4, "steps": 4, "checkpoint_every": 2,
+        "log_every": 1, "phantom_shape": (16, 16, 16), "learning_rate": 1e-3, **overrides,
+    }
+    return Settings(
+        text=TextSettings(max_tokens=TOKENS),
+        model=ModelSettings(dim=8, dim_mults=(1, 2), heads=2, dim_head=8, text_tokens=TOKENS, depth=8, height=8, width=8),
+        train=TrainSettings(**train),
+    )
+
+
+def test_weighted_loss_counts_lesion_voxels_more():
+    target = -torch.ones(1, 2, 2, 2, 2)
+    target[0, 1, 0, 0, 0] = 1.0  # one lesion voxel
+    prediction = target.clone()
+    prediction[0, 0, 0, 0, 0] += 1.0  # error at the lesion voxel
+    weights = torch.ones(2)
+    plain = weighted_x0_loss(prediction, target, channel_weights=weights, lesion_channel=1, lesion_weight=1.0)
+    weighted = weighted_x0_loss(prediction, target, channel_weights=weights, lesion_channel=1, lesion_weight=5.0)
+    assert plain == pytest.approx(1 / 16)
+    assert weighted == pytest.approx(5 / (16 + 2 * 4))
+
+
+def test_loss_falls_on_fixed_batch(tmp_path, text_encoder):
+    trainer = Trainer(settings_for(tmp_path, cond_drop_prob=0.0), text_encoder=text_encoder)
+    state = trainer.new_state()
+    items = [trainer.dataset[i] for i in range(4)]
+    x0 = torch.stack([item["image"] for item in items])
+    context = torch.stack([item["text"] for item in items])
+    generator = torch.Generator().manual_seed(1)
+    t = torch.rand(4, generator=generator, dtype=torch.float64) * 0.5
+    x_t = q_sample(x0, t, torch.randn(x0.shape, generator=generator)).float()
+
+    def fixed_loss() -> float:
+        with torch.no_grad():
+            prediction = state.model.eval()(x_t, (t * TIME_SCALE).float(), context)
+        return float(weighted_x0_loss(prediction, x0, channel_weights=trainer.channel_weights,
+                                      lesion_channel=trainer.lesion_channel, lesion_weight=1.0))
+
+    before = fixed_loss()
+    for _ in range(15):
+        trainer.training_step(state)
+    assert fixed_loss() < 0.8 * before
+
+
+def test_resume_reaches_same_state(tmp_path, text_encoder):
+    straight = Trainer(settings_for(tmp_path / "straight"), text_encoder=text_encoder)
+    final = straight.fit(straight.new_state())
+
+    first = Trainer(settings_for(tmp_path / "split"), text_encoder=text_encoder)
+    first.train = replace(first.train, steps=2)
+    first.fit(first.new_state())
+    second = Trainer(settings_for(tmp_path / "split"), text_encoder=text_encoder)
+    resumed = second.fit(second.resume_or_new(resume=True))
+
+    assert resumed.step == final.step == 4
+    for key, tensor in final.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], tensor), key
+    for key, tensor in final.ema.state_dict().items():
+        assert torch.equal(resumed.ema.state_dict()[key], tensor), key
+    assert (tmp_path / "split" / "checkpoints" / "step-000002.pt").is_file()
+    assert (tmp_path / "split" / "checkpoints" / "step-000004.pt").is_file()
+
+
+def test_export_loads_as_checkpoint(tmp_path, text_encoder):
+    trainer = Trainer(settings_for(tmp_path), text_encoder=text_encoder)
+    trainer.fit(trainer.new_state())
+    loaded = load_safetensors(tmp_path / "model.safetensors")
+    assert loaded.native_shape == (8, 8, 8)
+    assert loaded.channel_names == ("ct", "lobes", "airway", "vessels", "lesion")
+    assert loaded.metadata["train_step"] == "4"
+
+
+def test_resume_without_checkpoint_rejected(tmp_path, text_encoder):
+    trainer = Trainer(settings_for(tmp_path), text_encoder=text_encoder)
+    with pytest.raises(TrainingError, match="latest.pt' does not exist"):
+        trainer.resume_or_new(resume=True)
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ({"steps": 0}, "train.steps is 0"),
+        ({"cond_drop_prob": 1.5}, "cond_drop_prob is 1.5"),
+        ({"channel_weights": (1.0, 2.0)}, "has 2 values for 5 channels"),
+        ({"data": "nifti"}, "nifti_folder is empty"),
+    ],
+)
+def test_invalid_train_settings(tmp_path, text_encoder, override, fragment):
+    with pytest.raises(TrainingError, match=fragment):
+        Trainer(settings_for(tmp_path, **override), text_encoder=text_encoder)
