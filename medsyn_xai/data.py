@@ -55,8 +55,16 @@ class TextEmbeddingCache:
         dtype: storage dtype; float16 halves the memory of large report sets.
     """
 
-    def __init__(self, encode: Callable[[str], torch.Tensor], *, key: str, dtype: torch.dtype = torch.float16) -> None:
+    def __init__(
+        self,
+        encode: Callable[[str], torch.Tensor],
+        *,
+        key: str,
+        dtype: torch.dtype = torch.float16,
+        encode_batch: Callable[[list[str]], torch.Tensor] | None = None,
+    ) -> None:
         self._encode = encode
+        self._encode_batch = encode_batch
         self._key = key
         self._dtype = dtype
         self._cache: dict[str, torch.Tensor] = {}
@@ -66,6 +74,18 @@ class TextEmbeddingCache:
 
     def _digest(self, text: str) -> str:
         return hashlib.sha256(f"{self._key}\0{text}".encode()).hexdigest()
+
+    def prefetch(self, texts: Sequence[str]) -> None:
+        """Encode every text not cached yet, in batches when a batch encoder is set."""
+        missing = list(dict.fromkeys(text for text in texts if self._digest(text) not in self._cache))
+        if not missing:
+            return
+        if self._encode_batch is None:
+            for text in missing:
+                self.get(text)
+            return
+        for text, embeddings in zip(missing, self._encode_batch(missing)):
+            self._cache[self._digest(text)] = embeddings.to(self._dtype)
 
     def get(self, text: str) -> torch.Tensor:
         """Return float32 (T, D) embeddings of ``text``, encoding it on first use."""
@@ -174,10 +194,10 @@ class PhantomDataset(Dataset):
                 phantom_shape=phantom_shape,
                 spec_options=spec_options,
             )
-            text_cache.get(case["report"])
             cases.append(case)
             if progress is not None:
                 progress(1)
+        text_cache.prefetch([case["report"] for case in cases])
         self.text_cache = text_cache
         super().__init__(cases, transform=self._attach_text)
 
@@ -229,8 +249,7 @@ class NiftiFolderDataset(Dataset):
         self.native_shape = tuple(native_shape)
         self.text_cache = text_cache
         rows = self._read_rows(self.folder / csv_name)
-        for row in rows:
-            text_cache.get(row.report)
+        text_cache.prefetch([row.report for row in rows])
         super().__init__(rows)
 
     def _transform(self, index: int) -> dict:

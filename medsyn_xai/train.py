@@ -126,7 +126,11 @@ class Trainer:
             )
         description = self.text_encoder.description
         cache_key = json.dumps({k: description[k] for k in ("config_sha256", "max_tokens", "layer")}, sort_keys=True)
-        self.text_cache = TextEmbeddingCache(lambda text: self.text_encoder.encode(text).embeddings, key=cache_key)
+        self.text_cache = TextEmbeddingCache(
+            lambda text: self.text_encoder.encode(text).embeddings,
+            key=cache_key,
+            encode_batch=self.text_encoder.encode_batch,
+        )
         self.dataset = self._build_dataset(progress)
 
         weights = self.train.channel_weights or (1.0,) * self.config.channels

@@ -101,3 +101,16 @@ def test_nifti_folder_bad_table(tmp_path, cache):
     (tmp_path / "reports.csv").write_text("id,text\nx,y\n")
     with pytest.raises(DataError, match="lacks column"):
         NiftiFolderDataset(tmp_path, text_cache=cache, channel_names=CHANNELS, native_shape=(8, 8, 8))
+
+
+def test_prefetch_matches_single_encoding(text_encoder):
+    single = TextEmbeddingCache(lambda text: text_encoder.encode(text).embeddings, key="k", dtype=torch.float32)
+    batched = TextEmbeddingCache(
+        lambda text: text_encoder.encode(text).embeddings, key="k", dtype=torch.float32,
+        encode_batch=text_encoder.encode_batch,
+    )
+    texts = ["Nodule in the RUL.", "No pleural effusion.", "Nodule in the RUL."]
+    batched.prefetch(texts)
+    assert len(batched) == 2
+    for text in texts:
+        assert torch.allclose(batched.get(text), single.get(text), atol=1e-4)
