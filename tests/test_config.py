@@ -50,7 +50,7 @@ def test_environment_overrides_file(tmp_path):
         ("[samplr]\nsteps = 3\n", "unknown setting 'samplr'"),
         ("[sampler]\nsteps = 'ten'\n", "'sampler.steps' must be an integer"),
         ("[sampler]\nsteps = true\n", "'sampler.steps' must be an integer"),
-        ("[saliency]\nenabled = 1\n", "'saliency.enabled' must be true or false"),
+        ("[model]\nuse_ema = 1\n", "'model.use_ema' must be true or false"),
         ("[output]\ngrid = [64, 64]\n", "'output.grid' must have 3 items"),
         ("[model]\nup_path_order = 'sideways'\n", "'model.up_path_order' is 'sideways'"),
         ("sampler = 3\n", "setting 'sampler' must be a table"),

@@ -54,7 +54,7 @@ class UnetConfig:
     """
 
     dim: int = 16
-    dim_mults: tuple[int, ...] = (1, 2, 4)
+    dim_mults: tuple[int, ...] = (1, 2)
     channels: int = 5
     heads: int = 4
     dim_head: int = 16

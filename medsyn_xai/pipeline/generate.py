@@ -8,7 +8,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import structlog
 import torch
@@ -30,6 +30,9 @@ from medsyn_xai.store import (
     write_study,
 )
 from medsyn_xai.text.encoder import TextEncoder
+
+if TYPE_CHECKING:
+    from medsyn_xai.ner.backends import NERBackend
 
 __all__ = [
     "GenerationRequest",
@@ -122,11 +125,22 @@ class StudyGenerator:
     """Holds the denoiser and text encoder of one process and generates studies.
 
     Build it once per process (the CLI or a daemon) and call :meth:`generate` per
-    prompt; the models load in the constructor, never at import time.
+    prompt; the models load in the constructor, never at import time. With an
+    ``ner_backend``, every study also stores that backend's entities of the prompt
+    in the group attribute ``ner`` ({backend, version, entities}), so the explain
+    job can reuse them instead of running NER again.
     """
 
-    def __init__(self, settings: Settings, *, loaded: LoadedModel | None = None, text_encoder: TextEncoder | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        loaded: LoadedModel | None = None,
+        text_encoder: TextEncoder | None = None,
+        ner_backend: NERBackend | None = None,
+    ) -> None:
         self.settings = settings
+        self.ner_backend = ner_backend
         self.device = resolve_device(settings.sampler.device)
         self.loaded = loaded or load_model(settings.model)
         self.model = self.loaded.model.to(self.device).eval()
@@ -214,6 +228,7 @@ class StudyGenerator:
         bound = log.bind(study_id=study_id)
 
         encoded = self.text_encoder.encode(request.prompt)
+        ner_attrs = self._ner_attrs(request.prompt)  # before sampling, so an NER failure costs no sampling time
         saliency = self.settings.saliency
         bound.info("sampling started", steps=steps, seed=seed, guidance_scale=guidance_scale, device=str(self.device))
 
@@ -259,6 +274,7 @@ class StudyGenerator:
             "truncated": encoded.truncated,
             "prompt_tokens": encoded.n_prompt_tokens,
             "software_version": __version__,
+            **ner_attrs,
             **(extra_attrs or {}),
         }
         study = SampledStudy(
@@ -274,3 +290,10 @@ class StudyGenerator:
         path = write_study(root, study, overwrite=overwrite)
         bound.info("study written", path=str(path), truncated=encoded.truncated)
         return path
+
+    def _ner_attrs(self, prompt: str) -> dict[str, object]:
+        """Return {"ner": {backend, version, entities}} for the prompt, or {} without a backend."""
+        if self.ner_backend is None:
+            return {}
+        entities = [entity.to_dict() for entity in self.ner_backend.extract(prompt)]
+        return {"ner": {"backend": self.ner_backend.name, "version": self.ner_backend.version, "entities": entities}}
