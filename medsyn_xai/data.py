@@ -223,7 +223,7 @@ class _NiftiRow:
 class NiftiFolderDataset(Dataset):
     """CT volumes in NIfTI files with a CSV of study id and report text.
 
-    The folder holds ``reports.csv`` (columns ``study_id`` and ``report``, one
+    The folder contains ``reports.csv`` (columns ``study_id`` and ``report``, one
     row per study), ``<study_id>.nii.gz`` CTs in HU, and optional masks
     ``<study_id>_<mask name>.nii.gz`` for each mask channel. Each volume is
     reoriented to the package convention, its HU clipped to [-1024, 600] and
@@ -291,7 +291,8 @@ class NiftiFolderDataset(Dataset):
                 masks[name] = np.rint(self._read_volume(row, row.masks[name])).astype(np.uint8)
                 if masks[name].shape != ct.shape:
                     raise DataError(
-                        f"row {row.row}: mask '{row.masks[name]}' has shape {masks[name].shape}, CT has {ct.shape}"
+                        f"row {row.row}: mask '{row.masks[name]}' has shape {masks[name].shape} "
+                        f"but the CT has {ct.shape}: resample the mask to the CT grid"
                     )
             else:
                 masks[name] = np.zeros(ct.shape, dtype=np.uint8)

@@ -122,7 +122,7 @@ def evaluate_model(
     """Evaluate the generator's model on ``n`` held-out phantom prompts.
 
     Args:
-        generator: holds the model, text encoder and settings (output grid).
+        generator: the loaded model, text encoder and settings (output grid).
         n: number of cases; kinds cycle located, located, negated, normal.
         seed: first evaluation seed, offset by ``EVAL_SEED_OFFSET``.
         steps, guidance_scale: sampler overrides; None uses the settings.
