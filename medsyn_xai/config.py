@@ -63,10 +63,11 @@ class TextSettings:
 class ModelSettings:
     """Denoiser architecture and checkpoint.
 
-    An empty ``checkpoint`` selects the default model shipped with the package. A
-    checkpoint is either an official MedSyn accelerate folder or a ``.safetensors``
-    file written by this package (which carries its own architecture, so the
-    architecture keys below are then ignored).
+    An empty ``checkpoint`` selects the default model shipped with the package, and
+    ``"none"`` a randomly initialised network of the architecture below. Otherwise
+    a checkpoint is an official MedSyn accelerate folder or a ``.safetensors`` file
+    written by this package, which carries its own architecture and native grid,
+    so those keys below are then ignored.
     """
 
     name: str = "medsyn-xai-default"

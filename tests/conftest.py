@@ -20,6 +20,7 @@ TINY_CONFIG_TOML = f"""
 max_tokens = {TINY_TOKENS}
 
 [model]
+checkpoint = "none"
 dim = 8
 dim_mults = [1, 2]
 heads = 2
@@ -43,7 +44,10 @@ def tiny_settings() -> Settings:
     """Settings of a denoiser small enough to sample in well under a second."""
     return Settings(
         text=TextSettings(max_tokens=TINY_TOKENS),
-        model=ModelSettings(dim=8, dim_mults=(1, 2), heads=2, dim_head=8, text_tokens=TINY_TOKENS, depth=8, height=16, width=16),
+        model=ModelSettings(
+            checkpoint="none", dim=8, dim_mults=(1, 2), heads=2, dim_head=8, text_tokens=TINY_TOKENS,
+            depth=8, height=16, width=16,
+        ),
         sampler=SamplerSettings(steps=3, device="cpu"),
         output=OutputSettings(grid=(16, 16, 16)),
     )

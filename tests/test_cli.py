@@ -60,7 +60,7 @@ def test_generate_writes_store_and_prints_path(generated):
     assert maps.shape == (len(store.tokens), 8, 8, 8)
     assert np.allclose(maps.sum(axis=0), 1.0, atol=1e-5)
     assert store.attrs["seed"] == 4
-    assert store.attrs["model"]["weights"] in {"random-init", "file"}
+    assert store.attrs["model"]["weights"] == "random-init"
     assert store.attrs["sampler"]["steps"] == 3
     assert store.attrs["text_encoder"]["hidden_size"] == 384
     assert store.attrs["software_version"]
@@ -157,7 +157,7 @@ def test_bad_checkpoint(tmp_path, tiny_config_file, kind):
         if kind == "truncated":
             checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
     config = tmp_path / "with-checkpoint.toml"
-    config.write_text(tiny_config_file.read_text().replace("[model]", f"[model]\ncheckpoint = '{checkpoint}'"))
+    config.write_text(tiny_config_file.read_text().replace('checkpoint = "none"', f"checkpoint = '{checkpoint}'"))
 
     result = run_cli("generate", PROMPT, "--out", tmp_path / "root", "--study-id", "x", "--config", config)
     assert result.returncode == 2

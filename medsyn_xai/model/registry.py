@@ -11,9 +11,10 @@ from medsyn_xai.config import ModelSettings
 from medsyn_xai.model.checkpoint import LoadedModel, load_checkpoint, load_safetensors
 from medsyn_xai.model.unet import Unet3D, UnetConfig
 
-__all__ = ["default_weights_path", "load_model", "unet_config_from_settings", "RANDOM_INIT_SEED"]
+__all__ = ["default_weights_path", "load_model", "unet_config_from_settings", "RANDOM_INIT", "RANDOM_INIT_SEED"]
 
 RANDOM_INIT_SEED = 0
+RANDOM_INIT = "none"
 
 
 def unet_config_from_settings(settings: ModelSettings) -> UnetConfig:
@@ -41,18 +42,20 @@ def default_weights_path() -> Path | None:
 def load_model(settings: ModelSettings) -> LoadedModel:
     """Load the denoiser the settings select, on the CPU in eval mode.
 
-    An empty ``checkpoint`` loads the shipped default weights; when the package has
-    none, the configured architecture is initialised from seed
-    ``RANDOM_INIT_SEED`` and labelled "random-init", so its volumes show the
-    pipeline working but not a trained model.
+    An empty ``checkpoint`` loads the shipped default weights. ``"none"`` (or an
+    empty ``checkpoint`` in a package without shipped weights) initialises the
+    configured architecture from seed ``RANDOM_INIT_SEED`` and labels it
+    "random-init": its volumes show the pipeline working, not a trained model.
     """
+    shipped = default_weights_path()
+    if settings.checkpoint == RANDOM_INIT or (not settings.checkpoint and shipped is None):
+        return _random_init(settings)
     if settings.checkpoint:
         return load_checkpoint(settings.checkpoint, unet_config_from_settings(settings), use_ema=settings.use_ema)
+    return load_safetensors(shipped)
 
-    shipped = default_weights_path()
-    if shipped is not None:
-        return load_safetensors(shipped)
 
+def _random_init(settings: ModelSettings) -> LoadedModel:
     config = unet_config_from_settings(settings)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(RANDOM_INIT_SEED)
