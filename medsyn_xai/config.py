@@ -108,8 +108,8 @@ class SamplerSettings:
 class SaliencySettings:
     """Which cross-attention calls are averaged into the token maps.
 
-    ``layers`` holds 0-based indices of the middle cross-attention layers (empty means
-    all). ``steps`` holds 0-based sampling step indices, in sampling order, where 0 is
+    ``layers`` contains 0-based indices of the middle cross-attention layers (empty means
+    all). ``steps`` contains 0-based sampling step indices, in sampling order, where 0 is
     the first (noisiest) step; empty means all steps.
     """
 

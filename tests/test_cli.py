@@ -54,7 +54,8 @@ def test_generate_writes_store_and_prints_path(generated):
     store = StudyStore.open(path)
     store.validate()
     assert store.prompt == PROMPT
-    assert store.ct.dtype == np.int16 and store.ct.shape == (16, 16, 16)
+    assert store.ct.dtype == np.int16
+    assert store.ct.shape == (16, 16, 16)
     assert store.mask_names == ["lobes", "airway", "vessels", "lesion"]
     maps = store.saliency()
     assert maps.shape == (len(store.tokens), 8, 8, 8)
@@ -90,7 +91,8 @@ def test_export_nifti(generated, tmp_path):
     result = run_cli("export", path, "--format", "nifti", "--out", tmp_path / "nii", check=True)
     written = [Path(line) for line in result.stdout.splitlines()]
     names = sorted(p.name for p in written)
-    assert "ct.nii.gz" in names and "mask_lesion.nii.gz" in names
+    assert "ct.nii.gz" in names
+    assert "mask_lesion.nii.gz" in names
     ct = nib.load(tmp_path / "nii" / "ct.nii.gz")
     assert ct.shape == (16, 16, 16)
     assert np.allclose(np.diag(ct.affine)[:3], [-6.0, -6.0, 5.0])

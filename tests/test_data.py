@@ -25,7 +25,8 @@ def test_phantom_dataset_items(cache):
     item = dataset[0]
     assert item["image"].shape == (5, 8, 8, 8)
     assert item["image"].dtype == torch.float32
-    assert item["image"].min() >= -1 and item["image"].max() <= 1
+    assert item["image"].min() >= -1
+    assert item["image"].max() <= 1
     assert item["text"].shape == (24, 384)
     assert item["text"].dtype == torch.float32
     assert len(cache) == 3

@@ -122,8 +122,10 @@ def test_progress_called_per_step(model, context):
 def test_decode_volume_ranges_and_grid():
     x0 = torch.linspace(-1, 1, 3 * 4 * 8 * 8).reshape(1, 3, 4, 8, 8)
     ct, masks = decode_volume(x0, ("ct", "lobes", "lesion"), (8, 16, 16))
-    assert ct.dtype == np.int16 and ct.shape == (8, 16, 16)
-    assert ct.min() >= HU_MIN and ct.max() <= HU_MAX
+    assert ct.dtype == np.int16
+    assert ct.shape == (8, 16, 16)
+    assert ct.min() >= HU_MIN
+    assert ct.max() <= HU_MAX
     assert masks["lesion"].dtype == np.uint8
     assert set(np.unique(masks["lesion"])) <= {0, 1}
     assert set(np.unique(masks["lobes"])) <= set(range(6))
@@ -137,7 +139,8 @@ def test_encode_decode_round_trip():
     names = ("ct", "lobes", "lesion")
     channels = encode_volume(ct, {"lobes": lobes, "lesion": lesion}, names)
     assert channels.shape == (3, 4, 8, 8)
-    assert channels.min() >= -1 and channels.max() <= 1
+    assert channels.min() >= -1
+    assert channels.max() <= 1
 
     decoded_ct, decoded = decode_volume(torch.from_numpy(channels)[None], names, (4, 8, 8))
     assert np.abs(decoded_ct.astype(np.float32) - ct).max() <= 1.0
