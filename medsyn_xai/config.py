@@ -106,7 +106,7 @@ class SamplerSettings:
 
 @dataclass(frozen=True)
 class SaliencySettings:
-    """Which cross-attention calls are averaged into the token maps.
+    """Selection of the cross-attention calls averaged into the token maps.
 
     ``layers`` contains 0-based indices of the middle cross-attention layers (empty means
     all). ``steps`` contains 0-based sampling step indices, in sampling order, where 0 is

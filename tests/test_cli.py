@@ -1,38 +1,21 @@
 """The command line as a user runs it: real subprocesses, real stores."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import error_line, run_cli
+
 from medsyn_xai.store import StudyStore
 
 PROMPT = "Spiculated 9 mm nodule in the right upper lobe. No pleural effusion."
 
 
-def run_cli(*args, check=False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "medsyn_xai.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=240,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}: {result.stderr[-2000:]}")
-    return result
 
 
-def error_line(result: subprocess.CompletedProcess) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.startswith("medsyn-xai: error:")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -3,39 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import error_line, run_cli
+
 from medsyn_xai.store import StudyStore, marker_path
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Spiculated 9 mm nodule in the right upper lobe. No pleural effusion."
 
 
-def run_cli(*args, cwd: Path = REPO, check: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "medsyn_xai.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=240,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}: {result.stderr[-2000:]}")
-    return result
 
 
-def error_line(result: subprocess.CompletedProcess) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.startswith("medsyn-xai: error:")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

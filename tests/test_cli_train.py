@@ -60,7 +60,8 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 def test_train_writes_checkpoints_and_export(trained):
     config, exported = trained
     run = exported.parent
-    assert exported.name == "model.safetensors" and exported.is_file()
+    assert exported.name == "model.safetensors"
+    assert exported.is_file()
     assert (run / "latest.pt").is_file()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002.pt", "step-000003.pt"]
 

@@ -1,4 +1,4 @@
-"""Explanation metrics on hand-made maps with known answers."""
+"""Explanation metrics on hand-made maps with known expected values."""
 
 import math
 

@@ -21,7 +21,8 @@ def test_records_cover_prompt_with_offsets(text_encoder):
     assert first.special and first.text == "[CLS]"
     words = [record for record in rest if not record.special]
     assert "".join(prompt[r.start:r.end] for r in words) == prompt.replace(" ", "")
-    assert words[0].text == "p" and words[1].text.startswith("##")
+    assert words[0].text == "p"
+    assert words[1].text.startswith("##")
     assert all(r.start == r.end == 0 for r in encoded.tokens if r.special)
     assert not encoded.truncated
 

@@ -12,7 +12,7 @@ Notation (t is continuous in [0, 1]; t = 1 is pure noise):
 ``w``              classifier-free guidance scale: null + w * (cond - null)
 =================  ============================================================
 
-The network sees the time as t * 1000, as MedSyn's sampler feeds it.
+The network receives the time as t * 1000, the scale MedSyn's sampler uses.
 """
 
 from __future__ import annotations
