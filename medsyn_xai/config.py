@@ -137,8 +137,16 @@ class TrainSettings:
     ``seed_offset + cases - 1``; evaluation uses seeds from ``EVAL_SEED_OFFSET``
     on, so the two never overlap. The loss is the mean squared error on x0,
     weighted per channel by ``channel_weights`` (empty means 1 each) and by
-    ``lesion_weight`` at voxels inside the lesion mask. ``cond_drop_prob`` is the
-    probability of replacing the text with the learned null embedding.
+    ``lesion_weight`` at lesion voxels: those of the target mask ("target"), or
+    those of the target or the predicted mask ("target_or_prediction"), which
+    penalises a lesion drawn where the report negates it as much as a missed one.
+    ``cond_drop_prob`` is the probability of replacing the text with the learned
+    null embedding.
+
+    ``finding_kinds`` (empty means all), ``p_normal`` and ``p_negation`` shape
+    the drawn phantom specs (see :func:`medsyn_xai.phantom.random_spec`).
+    ``init_weights`` starts a new run from the weights of a ``model.safetensors``
+    export (a later stage of a curriculum); the optimiser and step start afresh.
     """
 
     data: Literal["phantom", "nifti"] = "phantom"
@@ -148,6 +156,10 @@ class TrainSettings:
     seed_offset: int = 0
     phantom_shape: tuple[int, int, int] = (32, 32, 32)
     max_findings: int = 2
+    finding_kinds: tuple[str, ...] = ()
+    p_normal: float = 0.15
+    p_negation: float = 0.3
+    init_weights: str = ""
     steps: int = 4000
     batch_size: int = 8
     learning_rate: float = 2e-4
@@ -157,6 +169,7 @@ class TrainSettings:
     ema_start: int = 200
     cond_drop_prob: float = 0.1
     lesion_weight: float = 6.0
+    lesion_weight_on: Literal["target", "target_or_prediction"] = "target"
     channel_weights: tuple[float, ...] = ()
     checkpoint_every: int = 250
     log_every: int = 25

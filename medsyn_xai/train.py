@@ -30,10 +30,11 @@ from torch import nn
 
 from medsyn_xai.config import Settings, TrainSettings
 from medsyn_xai.data import NiftiFolderDataset, PhantomDataset, TextEmbeddingCache
-from medsyn_xai.model.checkpoint import save_safetensors
+from medsyn_xai.model.checkpoint import CheckpointError, load_safetensors, save_safetensors
 from medsyn_xai.model.diffusion import TIME_SCALE, q_sample
 from medsyn_xai.model.registry import unet_config_from_settings
 from medsyn_xai.model.unet import Unet3D
+from medsyn_xai.phantom import FINDING_KINDS
 from medsyn_xai.text.encoder import TextEncoder
 
 __all__ = ["TrainState", "Trainer", "TrainingError", "weighted_x0_loss"]
@@ -52,6 +53,7 @@ def weighted_x0_loss(
     channel_weights: torch.Tensor,
     lesion_channel: int | None,
     lesion_weight: float,
+    include_predicted: bool = False,
 ) -> torch.Tensor:
     """Mean squared error on x0 with per-channel and lesion-voxel weights.
 
@@ -61,14 +63,19 @@ def weighted_x0_loss(
         lesion_channel: index of the binary lesion channel in ``target``, or None.
         lesion_weight: factor for every channel at voxels where the target lesion
             channel is positive (lesions are often under 1 % of the voxels).
+        include_predicted: also weight voxels where the predicted lesion channel
+            is positive, so a lesion drawn against the text costs as much as a
+            missed one. The weights carry no gradient.
 
     Returns:
         Scalar loss: the weighted mean over all elements, normalised by the weights.
     """
     weights = channel_weights.view(1, -1, 1, 1, 1).expand_as(target)
     if lesion_channel is not None and lesion_weight != 1.0:
-        lesion = (target[:, lesion_channel : lesion_channel + 1] > 0).to(target.dtype)
-        weights = weights * (1 + (lesion_weight - 1) * lesion)
+        lesion = target[:, lesion_channel : lesion_channel + 1] > 0
+        if include_predicted:
+            lesion = lesion | (prediction.detach()[:, lesion_channel : lesion_channel + 1] > 0)
+        weights = weights * (1 + (lesion_weight - 1) * lesion.to(target.dtype))
     return ((prediction - target) ** 2 * weights).sum() / weights.sum()
 
 
@@ -152,20 +159,41 @@ class Trainer:
             channel_names=self.channel_names,
             native_shape=self.native_shape,
             phantom_shape=self.train.phantom_shape,
-            spec_options={"max_findings": self.train.max_findings},
+            spec_options={
+                "max_findings": self.train.max_findings,
+                "kinds": self.train.finding_kinds or None,
+                "p_normal": self.train.p_normal,
+                "p_negation": self.train.p_negation,
+            },
             progress=progress,
         )
 
     def new_state(self) -> TrainState:
-        """Return a fresh state: initialised model, EMA copy, AdamW, seeded generator."""
+        """Return a fresh state: initialised model, EMA copy, AdamW, seeded generator.
+
+        With ``train.init_weights`` set, the model starts from those weights.
+        """
         torch.manual_seed(self.train.seed)
         model = Unet3D(self.config)
+        if self.train.init_weights:
+            model.load_state_dict(self._initial_weights(Path(self.train.init_weights)), strict=True)
         ema = copy.deepcopy(model).requires_grad_(False)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=self.train.learning_rate, weight_decay=self.train.weight_decay
         )
         generator = torch.Generator().manual_seed(self.train.seed)
         return TrainState(step=0, model=model, ema=ema, optimizer=optimizer, generator=generator)
+
+    def _initial_weights(self, path: Path) -> dict[str, torch.Tensor]:
+        try:
+            loaded = load_safetensors(path)
+        except CheckpointError as error:
+            raise TrainingError(f"train.init_weights: {error}") from None
+        if loaded.config.to_dict() != self.config.to_dict():
+            raise TrainingError(
+                f"train.init_weights '{path}' holds another architecture: set the model.* settings it was trained with"
+            )
+        return loaded.model.state_dict()
 
     def load_state(self, path: Path) -> TrainState:
         """Restore a state saved by :meth:`save_checkpoint`."""
@@ -262,6 +290,7 @@ class Trainer:
             channel_weights=self.channel_weights,
             lesion_channel=self.lesion_channel,
             lesion_weight=train.lesion_weight,
+            include_predicted=train.lesion_weight_on == "target_or_prediction",
         )
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -328,6 +357,17 @@ def _check_train_settings(train: TrainSettings, settings: Settings) -> None:
         (train.checkpoint_every >= 1, f"train.checkpoint_every is {train.checkpoint_every}: use 1 or more"),
         (train.log_every >= 1, f"train.log_every is {train.log_every}: use 1 or more"),
         (train.lesion_weight > 0, f"train.lesion_weight is {train.lesion_weight}: use a positive number"),
+        (0 <= train.p_normal <= 1, f"train.p_normal is {train.p_normal}: use a probability in [0, 1]"),
+        (0 <= train.p_negation <= 1, f"train.p_negation is {train.p_negation}: use a probability in [0, 1]"),
+        (
+            not set(train.finding_kinds) - set(FINDING_KINDS),
+            f"train.finding_kinds has {sorted(set(train.finding_kinds) - set(FINDING_KINDS))}: "
+            f"use names from {', '.join(FINDING_KINDS)}",
+        ),
+        (
+            not train.init_weights or Path(train.init_weights).is_file(),
+            f"train.init_weights '{train.init_weights}' is not a file: point it at a model.safetensors export",
+        ),
         (
             not train.channel_weights or len(train.channel_weights) == settings.model.channels,
             f"train.channel_weights has {len(train.channel_weights)} values for {settings.model.channels} channels",

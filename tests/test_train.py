@@ -37,6 +37,19 @@ def test_weighted_loss_counts_lesion_voxels_more():
     assert weighted == pytest.approx(5 / (16 + 2 * 4))
 
 
+def test_weighted_loss_can_count_predicted_lesions():
+    target = -torch.ones(1, 2, 2, 2, 2)  # no lesion anywhere
+    prediction = target.clone()
+    prediction[0, 1, 0, 0, 0] = 1.0  # a lesion drawn where there is none: error 2 at one voxel
+    weights = torch.ones(2)
+    target_only = weighted_x0_loss(prediction, target, channel_weights=weights, lesion_channel=1, lesion_weight=5.0)
+    both = weighted_x0_loss(
+        prediction, target, channel_weights=weights, lesion_channel=1, lesion_weight=5.0, include_predicted=True
+    )
+    assert target_only == pytest.approx(4 / 16)
+    assert both == pytest.approx(5 * 4 / (16 + 2 * 4))
+
+
 def test_loss_falls_on_fixed_batch(tmp_path, text_encoder):
     trainer = Trainer(settings_for(tmp_path, cond_drop_prob=0.0), text_encoder=text_encoder)
     state = trainer.new_state()
@@ -87,6 +100,40 @@ def test_export_loads_as_checkpoint(tmp_path, text_encoder):
     assert loaded.metadata["train_step"] == "4"
 
 
+def test_init_weights_start_a_new_run_from_an_export(tmp_path, text_encoder):
+    first = Trainer(settings_for(tmp_path / "first"), text_encoder=text_encoder)
+    first.fit(first.new_state())
+    export = load_safetensors(tmp_path / "first" / "model.safetensors").model.state_dict()
+
+    second = Trainer(
+        settings_for(tmp_path / "second", init_weights=str(tmp_path / "first" / "model.safetensors")),
+        text_encoder=text_encoder,
+    )
+    state = second.new_state()
+    assert state.step == 0
+    for key, tensor in export.items():
+        assert torch.equal(state.model.state_dict()[key], tensor), key
+        assert torch.equal(state.ema.state_dict()[key], tensor), key
+
+
+def test_init_weights_of_another_architecture_rejected(tmp_path, text_encoder):
+    first = Trainer(settings_for(tmp_path / "first"), text_encoder=text_encoder)
+    first.fit(first.new_state())
+    wider = settings_for(tmp_path / "second", init_weights=str(tmp_path / "first" / "model.safetensors"))
+    wider = replace(wider, model=replace(wider.model, dim=16))
+    with pytest.raises(TrainingError, match="holds another architecture"):
+        Trainer(wider, text_encoder=text_encoder).new_state()
+
+
+def test_finding_kinds_and_normal_rate_shape_the_cases(tmp_path, text_encoder):
+    trainer = Trainer(
+        settings_for(tmp_path, cases=12, finding_kinds=("nodule",), max_findings=1, p_normal=0.0),
+        text_encoder=text_encoder,
+    )
+    kinds = {finding["kind"] for item in trainer.dataset.data for finding in item["spec"]["findings"]}
+    assert kinds == {"nodule"}
+
+
 def test_resume_without_checkpoint_rejected(tmp_path, text_encoder):
     trainer = Trainer(settings_for(tmp_path), text_encoder=text_encoder)
     with pytest.raises(TrainingError, match="latest.pt' does not exist"):
@@ -100,6 +147,9 @@ def test_resume_without_checkpoint_rejected(tmp_path, text_encoder):
         ({"cond_drop_prob": 1.5}, "cond_drop_prob is 1.5"),
         ({"channel_weights": (1.0, 2.0)}, "has 2 values for 5 channels"),
         ({"data": "nifti"}, "nifti_folder is empty"),
+        ({"p_normal": -0.1}, "p_normal is -0.1"),
+        ({"finding_kinds": ("nodule", "tumour")}, "finding_kinds has \\['tumour'\\]"),
+        ({"init_weights": "missing/model.safetensors"}, "init_weights 'missing/model.safetensors' is not a file"),
     ],
 )
 def test_invalid_train_settings(tmp_path, text_encoder, override, fragment):
