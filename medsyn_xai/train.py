@@ -191,7 +191,7 @@ class Trainer:
             raise TrainingError(f"train.init_weights: {error}") from None
         if loaded.config.to_dict() != self.config.to_dict():
             raise TrainingError(
-                f"train.init_weights '{path}' holds another architecture: set the model.* settings it was trained with"
+                f"train.init_weights '{path}' contains a different architecture: set the model.* settings it was trained with"
             )
         return loaded.model.state_dict()
 

@@ -37,7 +37,7 @@ def test_weighted_loss_counts_lesion_voxels_more():
     assert weighted == pytest.approx(5 / (16 + 2 * 4))
 
 
-def test_weighted_loss_can_count_predicted_lesions():
+def test_weighted_loss_counts_predicted_lesions():
     target = -torch.ones(1, 2, 2, 2, 2)  # no lesion anywhere
     prediction = target.clone()
     prediction[0, 1, 0, 0, 0] = 1.0  # a lesion drawn where there is none: error 2 at one voxel
@@ -100,7 +100,7 @@ def test_export_loads_as_checkpoint(tmp_path, text_encoder):
     assert loaded.metadata["train_step"] == "4"
 
 
-def test_init_weights_start_a_new_run_from_an_export(tmp_path, text_encoder):
+def test_init_weights_load_export(tmp_path, text_encoder):
     first = Trainer(settings_for(tmp_path / "first"), text_encoder=text_encoder)
     first.fit(first.new_state())
     export = load_safetensors(tmp_path / "first" / "model.safetensors").model.state_dict()
@@ -116,16 +116,16 @@ def test_init_weights_start_a_new_run_from_an_export(tmp_path, text_encoder):
         assert torch.equal(state.ema.state_dict()[key], tensor), key
 
 
-def test_init_weights_of_another_architecture_rejected(tmp_path, text_encoder):
+def test_init_weights_architecture_mismatch(tmp_path, text_encoder):
     first = Trainer(settings_for(tmp_path / "first"), text_encoder=text_encoder)
     first.fit(first.new_state())
     wider = settings_for(tmp_path / "second", init_weights=str(tmp_path / "first" / "model.safetensors"))
     wider = replace(wider, model=replace(wider.model, dim=16))
-    with pytest.raises(TrainingError, match="holds another architecture"):
+    with pytest.raises(TrainingError, match="contains a different architecture"):
         Trainer(wider, text_encoder=text_encoder).new_state()
 
 
-def test_finding_kinds_and_normal_rate_shape_the_cases(tmp_path, text_encoder):
+def test_finding_kinds_restrict_cases(tmp_path, text_encoder):
     trainer = Trainer(
         settings_for(tmp_path, cases=12, finding_kinds=("nodule",), max_findings=1, p_normal=0.0),
         text_encoder=text_encoder,
