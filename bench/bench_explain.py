@@ -120,11 +120,12 @@ def time_stages(explainer, path: Path, repeats: int) -> dict[str, float]:
     import zarr
 
     from medsyn_xai.align import align_entities
-    from medsyn_xai.pipeline.explain import _read_token_maps, entity_heatmaps
+    from medsyn_xai.pipeline.explain import _check_token_map_shape, _read_token_maps, entity_heatmaps
     from medsyn_xai.store import StudyStore, write_entities
     from medsyn_xai.text.tokens import TokenRecord
 
     stages: dict[str, list[float]] = {
+        "open": [],
         "read": [],
         "ner": [],
         "align": [],
@@ -136,20 +137,26 @@ def time_stages(explainer, path: Path, repeats: int) -> dict[str, float]:
     for _ in range(repeats):
         start = time.perf_counter()
         store = StudyStore.open(path)
-        token_maps = _read_token_maps(store)
-        grid = store.ct.shape
-        stages["read"].append(time.perf_counter() - start)
+        tokens = [TokenRecord.from_dict(token) for token in store.tokens]
+        _check_token_map_shape(store, len(tokens))
+        grid = store.ct_shape
+        stages["open"].append(time.perf_counter() - start)
 
         start = time.perf_counter()
         entities = explainer.backend.extract(store.prompt)
         stages["ner"].append(time.perf_counter() - start)
 
         start = time.perf_counter()
-        aligned = align_entities(entities, [TokenRecord.from_dict(token) for token in store.tokens])
+        aligned = align_entities(entities, tokens)
         stages["align"].append(time.perf_counter() - start)
 
         start = time.perf_counter()
-        heatmaps = entity_heatmaps(aligned, token_maps, grid)
+        used = sorted({index for entity in aligned for index in entity.token_indices})
+        token_maps = _read_token_maps(store, used)
+        stages["read"].append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        heatmaps = entity_heatmaps(aligned, token_maps, grid, token_indices=used)
         stages["heatmaps"].append(time.perf_counter() - start)
 
         start = time.perf_counter()

@@ -614,6 +614,11 @@ class StudyStore:
         return np.asarray(self._array("ct")[...])
 
     @property
+    def ct_shape(self) -> tuple[int, int, int]:
+        """(Z, Y, X) size of the CT grid in voxels, from the array metadata without reading the volume."""
+        return tuple(int(size) for size in self._array("ct").shape)
+
+    @property
     def mask_names(self) -> list[str]:
         """Mask channel names in the order they were written (sorted for stores without that order)."""
         group = self._subgroup("masks")

@@ -183,18 +183,20 @@ class StudyExplainer:
         Raises:
             StoreNotReadyError: the store or its ``.sampled`` marker is missing.
             StoreCorruptError: the token list and token maps differ in length, or
-                a token map contains NaN, infinite or negative values.
+                a token map that an entity uses contains NaN, infinite or negative
+                values. Maps of tokens outside every entity are not read.
             ValueError: an invalid ``grid``.
         """
         started = time.perf_counter()
         output_grid = None if grid is None else check_grid(grid)
 
-        # 1. Open and check the store.
+        # 1. Open the store and check the token maps' shape against the token list.
         store = StudyStore.open(path, require="sampled")
         bound = log.bind(study_id=store.study_id, path=str(store.path))
-        token_maps = _read_token_maps(store)  # (T, d, h, w)
+        tokens = [TokenRecord.from_dict(token) for token in store.tokens]
+        _check_token_map_shape(store, len(tokens))
         if output_grid is None:
-            output_grid = check_grid(store.ct.shape)
+            output_grid = check_grid(store.ct_shape)
 
         # 2. Entities of the prompt, from the sampler's cache when it matches this backend.
         entities = _cached_entities(store, self.backend) if reuse_ner else None
@@ -203,11 +205,12 @@ class StudyExplainer:
             entities = self.backend.extract(store.prompt)
 
         # 3. Token indices by character offsets.
-        tokens = [TokenRecord.from_dict(token) for token in store.tokens]
         aligned = align_entities(entities, tokens)
 
-        # 4. Mean over each entity's tokens, then one batched resize.
-        heatmaps = entity_heatmaps(aligned, token_maps, output_grid)
+        # 4. Read only the token maps that entities use, average per entity, resize in one call.
+        used = sorted({index for entity in aligned for index in entity.token_indices})
+        token_maps = _read_token_maps(store, used)  # (K, d, h, w), row k is token used[k]
+        heatmaps = entity_heatmaps(aligned, token_maps, output_grid, token_indices=used)
 
         # 5. Publish: write_entities writes the .explained marker last.
         write_entities(
@@ -246,22 +249,33 @@ def explain_study(
 
 
 def entity_heatmaps(
-    entities: Sequence[Entity], token_maps: np.ndarray, grid: tuple[int, int, int]
+    entities: Sequence[Entity],
+    token_maps: np.ndarray,
+    grid: tuple[int, int, int],
+    *,
+    token_indices: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Average each entity's token maps and resize all of them to ``grid`` in one call.
 
     Args:
-        entities: aligned entities; ``token_indices`` index the first axis of ``token_maps``.
-        token_maps: float32 (T, d, h, w) token maps on the native grid.
+        entities: aligned entities with ``token_indices`` into the study's token list.
+        token_maps: float32 (K, d, h, w) token maps on the native grid.
         grid: output (Z, Y, X) in voxels.
+        token_indices: the token index of each row of ``token_maps``, so that
+            ``token_maps`` may contain only the tokens that entities use. None
+            means row t is token t.
 
     Returns:
         float32 (E, Z, Y, X) heatmaps. An entity without token indices gets zeros.
     """
-    weights = np.zeros((len(entities), token_maps.shape[0]), dtype=np.float32)  # (E, T)
+    if token_indices is None:
+        token_indices = range(token_maps.shape[0])
+    row_of = {int(token): row for row, token in enumerate(token_indices)}
+    weights = np.zeros((len(entities), token_maps.shape[0]), dtype=np.float32)  # (E, K)
     for row, entity in enumerate(entities):
         if entity.token_indices:
-            weights[row, list(entity.token_indices)] = 1.0 / len(entity.token_indices)
+            columns = [row_of[index] for index in entity.token_indices]
+            weights[row, columns] = 1.0 / len(columns)
     native = torch.einsum("et,tdhw->edhw", torch.from_numpy(weights), torch.from_numpy(token_maps))
     return resize_maps(native, grid).numpy()
 
@@ -327,22 +341,34 @@ def _safe_stem(text: str) -> str:
     return stem or "entity"
 
 
-def _read_token_maps(store: StudyStore) -> np.ndarray:
-    """Read float32 (T, d, h, w) token maps and reject maps that disagree with the token list or hold bad values."""
-    token_maps = store.saliency()
-    if token_maps.ndim != 4 or token_maps.shape[0] != len(store.tokens):
+def _check_token_map_shape(store: StudyStore, n_tokens: int) -> None:
+    """Reject token maps whose first axis differs from the token list, reading only the array metadata."""
+    shape = store.saliency_array.shape
+    if len(shape) != 4 or shape[0] != n_tokens:
         raise _corrupt(
             store,
-            f"array 'saliency/tokens' has shape {token_maps.shape} but the tokens attribute lists "
-            f"{len(store.tokens)} tokens, so the first axis must be {len(store.tokens)}",
+            f"array 'saliency/tokens' has shape {shape} but the tokens attribute lists "
+            f"{n_tokens} tokens, so the first axis must be {n_tokens}",
         )
-    flat = token_maps.reshape(token_maps.shape[0], -1)  # (T, d*h*w)
+
+
+def _read_token_maps(store: StudyStore, indices: Sequence[int]) -> np.ndarray:
+    """Read float32 (K, d, h, w) token maps of the tokens ``indices`` and reject NaN, infinite or negative values.
+
+    Only the chunks of those tokens are read, usually a small part of the
+    study's token maps because most tokens belong to no entity.
+    """
+    array = store.saliency_array
+    if not indices:
+        return np.zeros((0, *array.shape[1:]), dtype=np.float32)
+    token_maps = np.asarray(array.oindex[list(indices)])
+    flat = token_maps.reshape(token_maps.shape[0], -1)  # (K, d*h*w)
     not_finite = np.flatnonzero(~np.isfinite(flat).all(axis=1))
     if not_finite.size:
-        raise _corrupt(store, f"token map {int(not_finite[0])} contains NaN or infinite values")
+        raise _corrupt(store, f"token map {indices[int(not_finite[0])]} contains NaN or infinite values")
     negative = np.flatnonzero((flat < 0).any(axis=1))
     if negative.size:
-        raise _corrupt(store, f"token map {int(negative[0])} contains negative values")
+        raise _corrupt(store, f"token map {indices[int(negative[0])]} contains negative values")
     return token_maps.astype(np.float32, copy=False)
 
 

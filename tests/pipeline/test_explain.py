@@ -195,6 +195,21 @@ def test_invalid_token_maps_rejected(tmp_path, text_encoder, explainer, value, f
     assert not marker_path(tmp_path, "case", "explained").exists()
 
 
+def test_bad_map_outside_entities_ignored(tmp_path, text_encoder, explainer):
+    path = write_prompt_study(tmp_path, text_encoder, PROMPT)
+    store = StudyStore.open(path)
+    used = {index for entity in explainer.explain(path).entities for index in entity.token_indices}
+    unused = max(set(range(len(store.tokens))) - used)
+    saliency = zarr.open_array(path / "saliency" / "tokens", mode="r+")
+    token_map = np.asarray(saliency[unused])
+    token_map[0, 0, 0] = np.nan
+    saliency[unused] = token_map
+
+    result = explainer.explain(path)
+    assert np.isfinite(result.heatmaps).all()
+    assert marker_path(tmp_path, "case", "explained").exists()
+
+
 def test_emoji_and_greek_prompt(tmp_path, text_encoder, explainer):
     prompt = "Ground-glass opacity 😀 in the right lower lobe; αβγ nodule near the Ω carina."
     path = write_prompt_study(tmp_path, text_encoder, prompt)
