@@ -67,7 +67,8 @@ class ModelSettings:
     ``"none"`` a randomly initialised network of the architecture below. Otherwise
     a checkpoint is an official MedSyn accelerate folder or a ``.safetensors`` file
     written by this package, which carries its own architecture and native grid,
-    so those keys below are then ignored.
+    so those keys below are then ignored. ``attend_to_padding`` False masks the
+    text's padding positions out of cross-attention; MedSyn attends to them.
     """
 
     name: str = "medsyn-xai-default"
@@ -84,6 +85,7 @@ class ModelSettings:
     init_kernel_size: int = 7
     resnet_groups: int = 8
     up_path_order: Literal["inference", "training"] = "inference"
+    attend_to_padding: bool = True
     depth: int = 16
     height: int = 16
     width: int = 16

@@ -162,6 +162,7 @@ def evaluate_model(
             x0 = sample(
                 model,
                 encoded.embeddings,
+                context_mask=encoded.attention_mask,
                 shape=generator.native_shape,
                 seed=case_seed,
                 steps=steps,

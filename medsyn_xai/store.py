@@ -865,11 +865,10 @@ def write_entities(
     group = zarr.open_group(store.path, mode="r+", zarr_format=3)
     if "entities" in group:
         del group["entities"]
-    entity_group = group.create_group("entities")
+    entity_group = group.create_group("entities", attributes=attrs)
     # Uncompressed: float attention maps compress poorly, and the codec more than
     # doubled the write time of ten 64^3 heatmaps (zarr 3.1, 2-core CPU).
     entity_group.create_array("heatmaps", data=heatmaps, chunks=(1, *heatmaps.shape[1:]), compressors=None)
-    entity_group.attrs.update(attrs)
 
     payload = {
         "study_id": store.study_id,

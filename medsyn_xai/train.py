@@ -138,11 +138,19 @@ class Trainer:
             key=cache_key,
             encode_batch=self.text_encoder.encode_batch,
         )
+        self._masks: dict[str, torch.Tensor] = {}
         self.dataset = self._build_dataset(progress)
 
         weights = self.train.channel_weights or (1.0,) * self.config.channels
         self.channel_weights = torch.tensor(weights, dtype=torch.float32)
         self.lesion_channel = self.channel_names.index("lesion") if "lesion" in self.channel_names else None
+
+    def _attention_mask(self, report: str) -> torch.Tensor:
+        """Return the report's bool (T,) padding mask, tokenised once per report."""
+        mask = self._masks.get(report)
+        if mask is None:
+            mask = self._masks[report] = self.text_encoder.attention_mask(report)
+        return mask
 
     def _build_dataset(self, progress):
         if self.train.data == "nifti":
@@ -189,11 +197,16 @@ class Trainer:
             loaded = load_safetensors(path)
         except CheckpointError as error:
             raise TrainingError(f"train.init_weights: {error}") from None
-        if loaded.config.to_dict() != self.config.to_dict():
+        # Options that change no weight, such as attend_to_padding, may differ.
+        weights = loaded.model.state_dict()
+        expected = Unet3D(self.config).state_dict()
+        if {key: tuple(value.shape) for key, value in weights.items()} != {
+            key: tuple(value.shape) for key, value in expected.items()
+        }:
             raise TrainingError(
                 f"train.init_weights '{path}' contains a different architecture: set the model.* settings it was trained with"
             )
-        return loaded.model.state_dict()
+        return weights
 
     def load_state(self, path: Path) -> TrainState:
         """Restore a state saved by :meth:`save_checkpoint`."""
@@ -272,6 +285,7 @@ class Trainer:
         items = [self.dataset[index] for index in indices]
         x0 = torch.stack([item["image"] for item in items])
         context = torch.stack([item["text"] for item in items])
+        context_mask = torch.stack([self._attention_mask(item["report"]) for item in items])
         t = torch.rand(batch_size, generator=generator, dtype=torch.float64)
         noise = torch.randn(x0.shape, generator=generator)
         drop = torch.rand(batch_size, generator=generator) < train.cond_drop_prob
@@ -280,10 +294,11 @@ class Trainer:
         model = state.model.train()
         null = model.null_cond_emb.expand(batch_size, -1, -1)
         context = torch.where(drop.view(-1, 1, 1), null, context)
+        context_mask = context_mask | drop.view(-1, 1)  # the null embedding attends everywhere
 
         # 3. Predict x0 from x_t and take a clipped AdamW step.
         x_t = q_sample(x0, t, noise).to(torch.float32)
-        prediction = model(x_t, (t * TIME_SCALE).to(torch.float32), context)
+        prediction = model(x_t, (t * TIME_SCALE).to(torch.float32), context, context_mask)
         loss = weighted_x0_loss(
             prediction,
             x0,

@@ -98,3 +98,19 @@ def test_cxr_bert_style_folder_by_configuration(tmp_path):
     assert encoded.tokens[0].text == "[CLS]"
     assert encoded.tokens[-1].text == "[PAD]"
     assert encoder.description["hidden_size"] == 768
+
+
+def test_attention_mask_marks_prompt_positions(text_encoder):
+    prompt = "Nodule in the RUL."
+    encoded = text_encoder.encode(prompt)
+    padding = [record.text == "[PAD]" for record in encoded.tokens]
+
+    assert encoded.attention_mask.shape == (1, text_encoder.max_tokens)
+    assert encoded.attention_mask.dtype == torch.bool
+    assert encoded.attention_mask[0].tolist() == [not pad for pad in padding]
+    assert torch.equal(text_encoder.attention_mask(prompt), encoded.attention_mask[0])
+
+
+def test_attention_mask_of_truncated_prompt_is_full(text_encoder):
+    mask = text_encoder.attention_mask("nodule " * 200)
+    assert mask.all()

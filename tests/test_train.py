@@ -125,6 +125,18 @@ def test_init_weights_architecture_mismatch(tmp_path, text_encoder):
         Trainer(wider, text_encoder=text_encoder).new_state()
 
 
+def test_init_weights_ignore_padding_option(tmp_path, text_encoder):
+    first = Trainer(settings_for(tmp_path / "first"), text_encoder=text_encoder)
+    first.fit(first.new_state())
+    masked = settings_for(tmp_path / "second", init_weights=str(tmp_path / "first" / "model.safetensors"), steps=2)
+    masked = replace(masked, model=replace(masked.model, attend_to_padding=False))
+
+    second = Trainer(masked, text_encoder=text_encoder)
+    state = second.fit(second.new_state())
+    assert state.step == 2
+    assert load_safetensors(tmp_path / "second" / "model.safetensors").config.attend_to_padding is False
+
+
 def test_finding_kinds_restrict_cases(tmp_path, text_encoder):
     trainer = Trainer(
         settings_for(tmp_path, cases=12, finding_kinds=("nodule",), max_findings=1, p_normal=0.0),

@@ -101,6 +101,7 @@ def sample(
     *,
     shape: tuple[int, int, int],
     seed: int,
+    context_mask: torch.Tensor | None = None,
     steps: int = 50,
     guidance_scale: float = 1.0,
     observer: SamplingObserver | None = None,
@@ -112,6 +113,8 @@ def sample(
     Args:
         model: the denoiser, in eval mode, on its device.
         context: text embeddings (1, T, D) on any device.
+        context_mask: bool (1, T), False at padding positions, for models that do
+            not attend to padding; the null-text branch attends to every position.
         shape: (F, H, W) of the generated volume in voxels.
         seed: seed of the starting noise; the result depends only on the seed,
             settings, weights and device.
@@ -147,7 +150,7 @@ def sample(
 
         # 1. Predict x0, mixing in the null-text prediction for guidance.
         with observer.conditional():
-            x0_hat = model(x, network_time, context)
+            x0_hat = model(x, network_time, context, context_mask)
         if guidance_scale != 1.0:
             with observer.unconditional():
                 x0_null = model(x, network_time, null_context)

@@ -201,7 +201,13 @@ class CrossAttentionProcessor:
     at batch 1).
     """
 
-    def __call__(self, attention: "CrossAttention", x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self,
+        attention: "CrossAttention",
+        x: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         batch, _, slices, height, width = x.shape
         heads = attention.heads
 
@@ -215,6 +221,9 @@ class CrossAttentionProcessor:
 
         # 2. Probabilities over the T token positions for every pixel of every slice.
         scores = torch.einsum("bfnid,bnjd->bfnij", q, k) * attention.scale
+        if context_mask is not None:
+            # Masked positions get probability 0, so the maps of the others still sum to 1.
+            scores = scores.masked_fill(~context_mask[:, None, None, None, :], float("-inf"))
         probabilities = scores.softmax(dim=-1)
         self.observe(attention, probabilities)
 
@@ -231,7 +240,9 @@ class CrossAttentionProcessor:
 class CrossAttention(nn.Module):
     """Per-slice cross-attention from image pixels to text token embeddings.
 
-    Input x (B, C, F, H, W) and context (B, T, cond_dim); output has x's shape.
+    Input x (B, C, F, H, W), context (B, T, cond_dim) and an optional bool
+    context_mask (B, T), False at token positions no pixel may attend to; the
+    output has x's shape.
     The arithmetic lives in :attr:`processor`, which a saliency capture swaps for
     one that records the probabilities.
     """
@@ -246,5 +257,7 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Conv2d(hidden, dim, 1)
         self.processor: CrossAttentionProcessor = CrossAttentionProcessor()
 
-    def forward(self, x: torch.Tensor, *, context: torch.Tensor) -> torch.Tensor:
-        return self.processor(self, x, context)
+    def forward(
+        self, x: torch.Tensor, *, context: torch.Tensor, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.processor(self, x, context, context_mask)

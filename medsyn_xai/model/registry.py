@@ -30,6 +30,7 @@ def unet_config_from_settings(settings: ModelSettings) -> UnetConfig:
         init_kernel_size=settings.init_kernel_size,
         resnet_groups=settings.resnet_groups,
         up_path_order=settings.up_path_order,
+        attend_to_padding=settings.attend_to_padding,
     )
 
 

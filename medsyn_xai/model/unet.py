@@ -51,6 +51,9 @@ class UnetConfig:
         up_path_order: "inference" runs block1, block2, 3D block, upsample in each
             up level, as MedSyn's sampling script does; "training" runs block1,
             upsample, block2, 3D block, as its training script does.
+        attend_to_padding: True lets cross-attention attend to the padding
+            positions of the text, as MedSyn does. False masks them out, so the
+            attention falls on the prompt's own tokens. The option changes no weight.
     """
 
     dim: int = 16
@@ -63,6 +66,7 @@ class UnetConfig:
     init_kernel_size: int = 7
     resnet_groups: int = 8
     up_path_order: Literal["inference", "training"] = "inference"
+    attend_to_padding: bool = True
 
     def __post_init__(self) -> None:
         if self.init_kernel_size % 2 != 1:
@@ -190,7 +194,13 @@ class Unet3D(nn.Module):
         """Return the four middle cross-attention layers in forward order."""
         return [getattr(self, f"mid_cross_attn{i}").fn.fn for i in range(1, N_MIDDLE_ROUNDS + 1)]
 
-    def forward(self, x: torch.Tensor, time: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        time: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Predict x0.
 
         Args:
@@ -199,6 +209,9 @@ class Unet3D(nn.Module):
             time: (B,) diffusion time on the network's scale, t * 1000 for t in [0, 1].
             context: text embeddings (B, T, cond_dim); pass ``null_cond_emb``
                 expanded to B for the unconditional branch.
+            context_mask: bool (B, T), True at the prompt's positions and False at
+                padding (the tokenizer's attention mask). Used only when
+                ``config.attend_to_padding`` is False; None attends to every position.
 
         Returns:
             Predicted x0, (B, C, F, H, W).
@@ -222,10 +235,15 @@ class Unet3D(nn.Module):
             x = down(x)
             x = block3d(x, t)
 
+        if self.config.attend_to_padding:
+            context_mask = None
+        elif context_mask is not None:
+            context_mask = context_mask.to(device=context.device, dtype=torch.bool)
+
         x = self.mid_block1(x, t)
         for i in range(1, N_MIDDLE_ROUNDS + 1):
             x = getattr(self, f"mid_spatial_attn{i}")(x)
-            x = getattr(self, f"mid_cross_attn{i}")(x, context=context)
+            x = getattr(self, f"mid_cross_attn{i}")(x, context=context, context_mask=context_mask)
             x = getattr(self, f"mid_temporal_attn{i}")(x, t)
         x = self.mid_block2(x, t)
 

@@ -237,6 +237,7 @@ class StudyGenerator:
             x0 = sample(
                 self.model,
                 encoded.embeddings,
+                context_mask=encoded.attention_mask,
                 shape=self.native_shape,
                 seed=seed,
                 steps=steps,

@@ -38,6 +38,8 @@ class EncodedPrompt:
     Attributes:
         prompt: the text as given.
         embeddings: float32 tensor (1, T, D) on the CPU, T = ``max_tokens``.
+        attention_mask: bool tensor (1, T), True at the prompt's positions
+            (specials included) and False at padding.
         tokens: one record per token position, T in all, padding included.
         truncated: True when the prompt had more than T positions and was cut.
         n_prompt_tokens: token positions the full prompt needs, specials included.
@@ -45,6 +47,7 @@ class EncodedPrompt:
 
     prompt: str
     embeddings: torch.Tensor
+    attention_mask: torch.Tensor
     tokens: tuple[TokenRecord, ...]
     truncated: bool
     n_prompt_tokens: int
@@ -200,10 +203,19 @@ class TextEncoder:
         return EncodedPrompt(
             prompt=prompt,
             embeddings=hidden.detach().to("cpu", torch.float32),
+            attention_mask=inputs["attention_mask"].to("cpu", torch.bool),
             tokens=records,
             truncated=truncated,
             n_prompt_tokens=n_prompt_tokens,
         )
+
+    def attention_mask(self, prompt: str) -> torch.Tensor:
+        """Return the bool (T,) mask of ``prompt``: True at its positions, False at padding.
+
+        Runs only the tokenizer, so it is cheap next to :meth:`encode`.
+        """
+        length = len(self.tokenizer(prompt, add_special_tokens=True, truncation=True, max_length=self.max_tokens)["input_ids"])
+        return torch.arange(self.max_tokens) < length
 
     @torch.inference_mode()
     def encode_batch(self, prompts: list[str], *, batch_size: int = 32) -> torch.Tensor:

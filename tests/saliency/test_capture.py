@@ -1,5 +1,7 @@
 """Saliency capture: normalisation, hook removal, no effect on the volume, memory."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -146,3 +148,30 @@ def test_nested_captures_see_same_run(model, context):
     assert torch.allclose(last.token_maps(*GRID), alone.token_maps(*GRID))
     assert torch.allclose(full.token_maps(*GRID), single.token_maps(*GRID))
     assert all(type(layer.processor) is CrossAttentionProcessor for layer in model.cross_attention_layers())
+
+
+def test_masked_padding_gets_no_attention(model, context):
+    masked = Unet3D(replace(CONFIG, attend_to_padding=False)).eval()
+    masked.load_state_dict(model.state_dict())
+    mask = torch.tensor([[True, True, True, True, False, False, False]])
+    capture = SaliencyCapture(masked)
+    with capture:
+        sample(masked, context, context_mask=mask, shape=SHAPE, seed=5, steps=3, observer=capture)
+    maps = capture.token_maps(*GRID)
+
+    assert torch.all(maps[4:] == 0)
+    assert torch.allclose(maps[:4].sum(dim=0), torch.ones(4, *GRID), atol=1e-5)
+
+
+def test_masked_padding_content_ignored(model, context):
+    masked = Unet3D(replace(CONFIG, attend_to_padding=False)).eval()
+    masked.load_state_dict(model.state_dict())
+    mask = torch.tensor([[True, True, True, True, False, False, False]])
+    other_padding = context.clone()
+    other_padding[:, 4:] = torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(9))
+
+    def volume(network, text, text_mask):
+        return sample(network, text, context_mask=text_mask, shape=SHAPE, seed=5, steps=2)
+
+    assert torch.equal(volume(masked, context, mask), volume(masked, other_padding, mask))
+    assert not torch.equal(volume(model, context, mask), volume(model, other_padding, mask))
