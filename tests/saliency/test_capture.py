@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from medsyn_xai.model.diffusion import sample
 from medsyn_xai.model.layers import CrossAttentionProcessor
@@ -130,6 +131,18 @@ def test_resize_maps_keeps_constant_and_shape():
     constant = resize_maps(torch.full((1, 4, 2, 2), 0.25), (8, 8, 8))
     assert torch.allclose(constant, torch.full_like(constant, 0.25))
     assert resize_maps(torch.zeros(0, 4, 2, 2), (8, 8, 8)).shape == (0, 8, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("shape", "grid"),
+    [((64, 8, 8), (64, 64, 64)), ((16, 8, 8), (64, 64, 64)), ((5, 7, 3), (11, 4, 9)), ((4, 4, 4), (4, 4, 4))],
+)
+def test_resize_maps_matches_interpolate(shape, grid):
+    maps = torch.rand(3, *shape, generator=torch.Generator().manual_seed(4))
+    expected = F.interpolate(maps[:, None], size=grid, mode="trilinear", align_corners=False)[:, 0]
+    resized = resize_maps(maps, grid)
+    assert resized.shape == (3, *grid)
+    assert torch.allclose(resized, expected, atol=1e-6)
 
 
 def test_nested_captures_see_same_run(model, context):
