@@ -54,6 +54,7 @@ from medsyn_xai import __version__
 
 __all__ = [
     "FORMAT_VERSION",
+    "remove_abandoned_temporaries",
     "STUDY_ID_PATTERN",
     "InvalidStudyIdError",
     "SampledStudy",
@@ -352,6 +353,36 @@ def _existing_parts(root: Path, study_id: str) -> list[str]:
     parts = ["zarr"] if study_path(root, study_id).exists() else []
     parts += [kind for kind in MARKER_KINDS if marker_path(root, study_id, kind).exists()]
     return parts
+
+
+def remove_abandoned_temporaries(root: Path | str, *, older_than_seconds: float) -> list[Path]:
+    """Delete hidden ``.<id>.zarr.tmp-*`` folders that a killed writer left in ``<root>/studies``.
+
+    A folder counts as abandoned when nothing inside it changed for
+    ``older_than_seconds``. A live writer finishes a study in seconds, so a
+    threshold of the queue's lease (30 s by default) or longer is safe.
+
+    Returns:
+        The removed folders. A folder that disappears or cannot be removed
+        meanwhile is skipped and logged.
+    """
+    folder = studies_dir(root)
+    if not folder.is_dir():
+        return []
+    now = datetime.now(timezone.utc).timestamp()
+    removed = []
+    for path in folder.glob(".*.zarr.tmp-*"):
+        try:
+            newest = max([path.stat().st_mtime, *(entry.stat().st_mtime for entry in path.rglob("*"))])
+            if now - newest <= older_than_seconds:
+                continue
+            shutil.rmtree(path)
+        except OSError as error:
+            log.warning("temporary_not_removed", path=str(path), error=str(error))
+            continue
+        removed.append(path)
+        log.info("abandoned_temporary_removed", path=str(path), idle_seconds=round(now - newest, 1))
+    return removed
 
 
 def _make_studies_dir(root: Path) -> Path:

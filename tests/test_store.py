@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -26,6 +28,7 @@ from medsyn_xai.store import (
     list_studies,
     marker_path,
     nifti_affine,
+    remove_abandoned_temporaries,
     studies_dir,
     study_path,
     validate_study_id,
@@ -618,3 +621,35 @@ def test_summary_reports_provenance(written: tuple[Path, SampledStudy]) -> None:
     assert summary["saliency_sum"]["max"] == pytest.approx(1.0, abs=1e-5)
     assert summary["markers"] == ["sampled"]
     json.dumps(summary)
+
+
+def test_abandoned_temporaries_removed(tmp_path: Path) -> None:
+    studies = tmp_path / "studies"
+    stale = studies / ".old.zarr.tmp-12-ab12cd34"
+    fresh = studies / ".new.zarr.tmp-13-ef56ab78"
+    kept_store = studies / "done.zarr"
+    for folder in (stale / "ct", fresh / "ct", kept_store):
+        folder.mkdir(parents=True)
+    (stale / "ct" / "c0").write_bytes(b"partial")
+    hour_ago = time.time() - 3600
+    for path in (stale / "ct" / "c0", stale / "ct", stale, kept_store):
+        os.utime(path, (hour_ago, hour_ago))
+
+    removed = remove_abandoned_temporaries(tmp_path, older_than_seconds=60)
+
+    assert removed == [stale]
+    assert not stale.exists()
+    assert fresh.is_dir()
+    assert kept_store.is_dir()
+
+
+def test_temporary_with_recent_write_kept(tmp_path: Path) -> None:
+    writing = tmp_path / "studies" / ".busy.zarr.tmp-14-0011aabb"
+    (writing / "saliency").mkdir(parents=True)
+    hour_ago = time.time() - 3600
+    os.utime(writing, (hour_ago, hour_ago))
+    (writing / "saliency" / "c0").write_bytes(b"new chunk")
+
+    assert remove_abandoned_temporaries(tmp_path, older_than_seconds=60) == []
+    assert writing.is_dir()
+    assert remove_abandoned_temporaries(tmp_path / "missing", older_than_seconds=60) == []

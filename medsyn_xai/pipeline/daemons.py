@@ -39,6 +39,7 @@ from medsyn_xai.store import (
     StudyExistsError,
     list_studies,
     marker_path,
+    remove_abandoned_temporaries,
     studies_dir,
     study_path,
     write_failed_marker,
@@ -199,7 +200,7 @@ class SamplerDaemon:
             settle_ms=pipeline.settle_ms,
             reconcile_seconds=pipeline.reconcile_seconds,
             poll_seconds=pipeline.poll_seconds,
-            on_reconcile=lambda: self.queue.return_expired(active=self._active),
+            on_reconcile=self._reconcile,
         )
         try:
             with watcher:
@@ -215,6 +216,11 @@ class SamplerDaemon:
             self.queue.remove_own_dir()
         log.info("daemon_stopped", outcomes=self.outcomes)
         return EXIT_OK
+
+    def _reconcile(self) -> None:
+        """Return expired claims to the inbox and delete study folders that killed writers left."""
+        self.queue.return_expired(active=self._active)
+        remove_abandoned_temporaries(self.root, older_than_seconds=self.queue.lease_seconds)
 
     def process(self, path: Path) -> str:
         """Claim and process one inbox entry; return the outcome.
