@@ -143,7 +143,9 @@ class TrainSettings:
     those of the target or the predicted mask ("target_or_prediction"), which
     penalises a lesion drawn where the report negates it as much as a missed one.
     ``cond_drop_prob`` is the probability of replacing the text with the learned
-    null embedding.
+    null embedding. ``time_shift`` s maps each uniform time u to
+    s * u / (1 + (s - 1) * u): 1 keeps times uniform, and s > 1 trains more often
+    at high noise, where the layout of the volume (and so a lesion's place) is decided.
 
     ``finding_kinds`` (empty means all), ``p_normal`` and ``p_negation`` shape
     the drawn phantom specs (see :func:`medsyn_xai.phantom.random_spec`).
@@ -170,6 +172,7 @@ class TrainSettings:
     ema_decay: float = 0.995
     ema_start: int = 200
     cond_drop_prob: float = 0.1
+    time_shift: float = 1.0
     lesion_weight: float = 6.0
     lesion_weight_on: Literal["target", "target_or_prediction"] = "target"
     channel_weights: tuple[float, ...] = ()

@@ -37,7 +37,7 @@ from medsyn_xai.model.unet import Unet3D
 from medsyn_xai.phantom import FINDING_KINDS
 from medsyn_xai.text.encoder import TextEncoder
 
-__all__ = ["TrainState", "Trainer", "TrainingError", "weighted_x0_loss"]
+__all__ = ["TrainState", "Trainer", "TrainingError", "shift_time", "weighted_x0_loss"]
 
 log = structlog.get_logger(__name__)
 
@@ -77,6 +77,18 @@ def weighted_x0_loss(
             lesion = lesion | (prediction.detach()[:, lesion_channel : lesion_channel + 1] > 0)
         weights = weights * (1 + (lesion_weight - 1) * lesion.to(target.dtype))
     return ((prediction - target) ** 2 * weights).sum() / weights.sum()
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Map uniform times t in [0, 1] to s * t / (1 + (s - 1) * t).
+
+    The map keeps 0 and 1 and is increasing. A shift s > 1 moves mass towards
+    t = 1 (pure noise): with s = 3 a third of the times lie above 0.85, against 15 %
+    for uniform times.
+    """
+    if shift == 1.0:
+        return t
+    return shift * t / (1 + (shift - 1) * t)
 
 
 @dataclass
@@ -286,7 +298,7 @@ class Trainer:
         x0 = torch.stack([item["image"] for item in items])
         context = torch.stack([item["text"] for item in items])
         context_mask = torch.stack([self._attention_mask(item["report"]) for item in items])
-        t = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+        t = shift_time(torch.rand(batch_size, generator=generator, dtype=torch.float64), train.time_shift)
         noise = torch.randn(x0.shape, generator=generator)
         drop = torch.rand(batch_size, generator=generator) < train.cond_drop_prob
 
@@ -372,6 +384,7 @@ def _check_train_settings(train: TrainSettings, settings: Settings) -> None:
         (train.checkpoint_every >= 1, f"train.checkpoint_every is {train.checkpoint_every}: use 1 or more"),
         (train.log_every >= 1, f"train.log_every is {train.log_every}: use 1 or more"),
         (train.lesion_weight > 0, f"train.lesion_weight is {train.lesion_weight}: use a positive number"),
+        (train.time_shift > 0, f"train.time_shift is {train.time_shift}: use a positive number (1 keeps times uniform)"),
         (0 <= train.p_normal <= 1, f"train.p_normal is {train.p_normal}: use a probability in [0, 1]"),
         (0 <= train.p_negation <= 1, f"train.p_negation is {train.p_negation}: use a probability in [0, 1]"),
         (

@@ -8,7 +8,7 @@ import torch
 from medsyn_xai.config import ModelSettings, Settings, TextSettings, TrainSettings
 from medsyn_xai.model.checkpoint import load_safetensors
 from medsyn_xai.model.diffusion import TIME_SCALE, q_sample
-from medsyn_xai.train import Trainer, TrainingError, weighted_x0_loss
+from medsyn_xai.train import Trainer, TrainingError, shift_time, weighted_x0_loss
 
 TOKENS = 24
 
@@ -48,6 +48,16 @@ def test_weighted_loss_counts_predicted_lesions():
     )
     assert target_only == pytest.approx(4 / 16)
     assert both == pytest.approx(5 * 4 / (16 + 2 * 4))
+
+
+def test_shift_time_moves_mass_to_noise():
+    uniform = torch.rand(100_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    shifted = shift_time(uniform, 3.0)
+    assert torch.equal(shift_time(uniform, 1.0), uniform)
+    assert shift_time(torch.tensor([0.0, 1.0], dtype=torch.float64), 3.0).tolist() == [0.0, 1.0]
+    assert torch.all(torch.diff(shift_time(torch.linspace(0, 1, 101, dtype=torch.float64), 3.0)) > 0)
+    assert float((uniform > 0.85).double().mean()) == pytest.approx(0.15, abs=0.01)
+    assert float((shifted > 0.85).double().mean()) == pytest.approx(0.346, abs=0.01)
 
 
 def test_loss_falls_on_fixed_batch(tmp_path, text_encoder):
@@ -160,6 +170,7 @@ def test_resume_without_checkpoint_rejected(tmp_path, text_encoder):
         ({"channel_weights": (1.0, 2.0)}, "has 2 values for 5 channels"),
         ({"data": "nifti"}, "nifti_folder is empty"),
         ({"p_normal": -0.1}, "p_normal is -0.1"),
+        ({"time_shift": 0.0}, "time_shift is 0.0"),
         ({"finding_kinds": ("nodule", "tumour")}, "finding_kinds has \\['tumour'\\]"),
         ({"init_weights": "missing/model.safetensors"}, "init_weights 'missing/model.safetensors' is not a file"),
     ],
