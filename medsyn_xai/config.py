@@ -69,6 +69,8 @@ class ModelSettings:
     written by this package, which carries its own architecture and native grid,
     so those keys below are then ignored. ``attend_to_padding`` False masks the
     text's padding positions out of cross-attention; MedSyn attends to them.
+    ``slice_position_embedding`` adds a learned embedding of slice height in the
+    middle of the network, which MedSyn does not have.
     """
 
     name: str = "medsyn-xai-default"
@@ -86,6 +88,7 @@ class ModelSettings:
     resnet_groups: int = 8
     up_path_order: Literal["inference", "training"] = "inference"
     attend_to_padding: bool = True
+    slice_position_embedding: bool = False
     depth: int = 16
     height: int = 16
     width: int = 16

@@ -79,6 +79,10 @@ def weighted_x0_loss(
     return ((prediction - target) ** 2 * weights).sum() / weights.sum()
 
 
+# Modules that start at zero, so a run may add them to weights trained without them.
+_ZERO_START_PREFIXES = ("mid_slice_position.",)
+
+
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     """Map uniform times t in [0, 1] to s * t / (1 + (s - 1) * t).
 
@@ -209,16 +213,23 @@ class Trainer:
             loaded = load_safetensors(path)
         except CheckpointError as error:
             raise TrainingError(f"train.init_weights: {error}") from None
-        # Options that change no weight, such as attend_to_padding, may differ.
+        # Options that change no weight, such as attend_to_padding, may differ. A
+        # slice position embedding missing from the file starts at zero.
         weights = loaded.model.state_dict()
         expected = Unet3D(self.config).state_dict()
-        if {key: tuple(value.shape) for key, value in weights.items()} != {
+        added = {key: value for key, value in expected.items() if key.startswith(_ZERO_START_PREFIXES)}
+        if not added.keys() - weights.keys():
+            added = {}
+        merged = {**added, **weights}
+        if {key: tuple(value.shape) for key, value in merged.items()} != {
             key: tuple(value.shape) for key, value in expected.items()
         }:
             raise TrainingError(
                 f"train.init_weights '{path}' contains a different architecture: set the model.* settings it was trained with"
             )
-        return weights
+        if added:
+            log.info("initial weights extended", path=str(path), added=sorted(added))
+        return merged
 
     def load_state(self, path: Path) -> TrainState:
         """Restore a state saved by :meth:`save_checkpoint`."""

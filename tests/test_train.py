@@ -147,6 +147,20 @@ def test_init_weights_ignore_padding_option(tmp_path, text_encoder):
     assert load_safetensors(tmp_path / "second" / "model.safetensors").config.attend_to_padding is False
 
 
+def test_init_weights_add_slice_embedding(tmp_path, text_encoder):
+    first = Trainer(settings_for(tmp_path / "first"), text_encoder=text_encoder)
+    first.fit(first.new_state())
+    export = load_safetensors(tmp_path / "first" / "model.safetensors").model.state_dict()
+    extended = settings_for(tmp_path / "second", init_weights=str(tmp_path / "first" / "model.safetensors"))
+    extended = replace(extended, model=replace(extended.model, slice_position_embedding=True))
+
+    state = Trainer(extended, text_encoder=text_encoder).new_state()
+    weights = state.model.state_dict()
+    assert torch.count_nonzero(weights["mid_slice_position.proj.weight"]) == 0
+    for key, tensor in export.items():
+        assert torch.equal(weights[key], tensor), key
+
+
 def test_finding_kinds_restrict_cases(tmp_path, text_encoder):
     trainer = Trainer(
         settings_for(tmp_path, cases=12, finding_kinds=("nodule",), max_findings=1, p_normal=0.0),

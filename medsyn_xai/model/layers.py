@@ -46,6 +46,31 @@ class SinusoidalPositionEmbedding(nn.Module):
         return torch.cat((angles.sin(), angles.cos()), dim=-1)
 
 
+class SlicePositionEmbedding(nn.Module):
+    """Learned per-slice offset added to volume features (B, C, F, H, W).
+
+    Each slice's relative height z / (F - 1) in [0, 1] (0 for a single slice)
+    becomes ``features`` fixed sinusoids, which a linear layer maps to C channels.
+    The layer starts at zero, so adding the embedding to a trained network leaves
+    its output unchanged until the embedding is trained.
+    """
+
+    def __init__(self, dim: int, *, features: int = 16) -> None:
+        super().__init__()
+        self.features = features
+        self.proj = nn.Linear(features, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slices = x.shape[2]
+        height = torch.linspace(0.0, 1.0, slices, device=x.device) if slices > 1 else x.new_zeros(1)
+        frequencies = math.pi * torch.arange(1, self.features // 2 + 1, device=x.device, dtype=torch.float32)
+        angles = height[:, None] * frequencies[None, :]  # (F, features / 2)
+        offsets = self.proj(torch.cat((angles.sin(), angles.cos()), dim=-1))  # (F, C)
+        return x + offsets.T.to(x.dtype)[None, :, :, None, None]
+
+
 class Residual(nn.Module):
     """``fn(x) + x``; keyword arguments go to ``fn``."""
 

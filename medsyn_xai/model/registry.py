@@ -31,6 +31,7 @@ def unet_config_from_settings(settings: ModelSettings) -> UnetConfig:
         resnet_groups=settings.resnet_groups,
         up_path_order=settings.up_path_order,
         attend_to_padding=settings.attend_to_padding,
+        slice_position_embedding=settings.slice_position_embedding,
     )
 
 

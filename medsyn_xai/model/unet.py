@@ -23,6 +23,7 @@ from medsyn_xai.model.layers import (
     ResnetBlock,
     SelfAttention,
     SinusoidalPositionEmbedding,
+    SlicePositionEmbedding,
     SliceTokens,
     downsample,
     upsample,
@@ -51,6 +52,10 @@ class UnetConfig:
         up_path_order: "inference" runs block1, block2, 3D block, upsample in each
             up level, as MedSyn's sampling script does; "training" runs block1,
             upsample, block2, 3D block, as its training script does.
+        slice_position_embedding: add a learned embedding of each slice's relative
+            height to the middle features before the cross-attention rounds, so
+            that a text word can place a finding high or low in the volume. MedSyn
+            has none, and the default model uses it.
         attend_to_padding: True lets cross-attention attend to the padding
             positions of the text, as MedSyn does. False masks them out, so the
             attention falls on the prompt's own tokens. The option changes no weight.
@@ -67,6 +72,7 @@ class UnetConfig:
     resnet_groups: int = 8
     up_path_order: Literal["inference", "training"] = "inference"
     attend_to_padding: bool = True
+    slice_position_embedding: bool = False
 
     def __post_init__(self) -> None:
         if self.init_kernel_size % 2 != 1:
@@ -162,6 +168,8 @@ class Unet3D(nn.Module):
 
         mid_dim = dims[-1]
         self.mid_block1 = block(mid_dim, mid_dim)
+        if config.slice_position_embedding:
+            self.mid_slice_position = SlicePositionEmbedding(mid_dim)
         # One self-attention module serves all four rounds; each round has its own norm.
         shared_self_attention = SliceTokens(SelfAttention(mid_dim, heads=config.heads, dim_head=config.dim_head))
         for round_index in range(1, N_MIDDLE_ROUNDS + 1):
@@ -241,6 +249,8 @@ class Unet3D(nn.Module):
             context_mask = context_mask.to(device=context.device, dtype=torch.bool)
 
         x = self.mid_block1(x, t)
+        if self.config.slice_position_embedding:
+            x = self.mid_slice_position(x)
         for i in range(1, N_MIDDLE_ROUNDS + 1):
             x = getattr(self, f"mid_spatial_attn{i}")(x)
             x = getattr(self, f"mid_cross_attn{i}")(x, context=context, context_mask=context_mask)

@@ -1,4 +1,6 @@
-"""Cosine schedule, DDIM sampling, guidance and decoding to HU."""
+"""Cosine schedule, DDIM sampling, guidance, decoding to HU and the slice position embedding."""
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from medsyn_xai.model.diffusion import (
     q_sample,
     sample,
 )
+from medsyn_xai.model.layers import SlicePositionEmbedding
 from medsyn_xai.model.unet import Unet3D, UnetConfig
 from medsyn_xai.model.volume import HU_MAX, HU_MIN, decode_volume, encode_volume
 
@@ -151,3 +154,27 @@ def test_encode_decode_round_trip():
 def test_decode_rejects_channel_count():
     with pytest.raises(ValueError, match="3 output channels but 2 channel names"):
         decode_volume(torch.zeros(1, 3, 2, 2, 2), ("ct", "lesion"), (2, 2, 2))
+
+
+def test_slice_position_embedding_starts_neutral(model, context):
+    with_slices = Unet3D(replace(CONFIG, slice_position_embedding=True)).eval()
+    missing = with_slices.load_state_dict(model.state_dict(), strict=False).missing_keys
+    x = torch.randn(1, 3, *SHAPE, generator=torch.Generator().manual_seed(3))
+    time = torch.tensor([500.0])
+
+    assert sorted(missing) == ["mid_slice_position.proj.bias", "mid_slice_position.proj.weight"]
+    with torch.no_grad():
+        assert torch.equal(with_slices(x, time, context), model(x, time, context))
+
+
+def test_slice_position_embedding_varies_by_slice():
+    embedding = SlicePositionEmbedding(4)
+    torch.nn.init.normal_(embedding.proj.weight, generator=torch.Generator().manual_seed(0))
+    features = torch.zeros(1, 4, 6, 2, 2)
+    offsets = embedding(features)[0, :, :, 0, 0]  # (C, F)
+
+    assert offsets.shape == (4, 6)
+    assert torch.equal(embedding(features)[0, :, :, 1, 1], offsets)
+    for first in range(6):
+        for second in range(first + 1, 6):
+            assert not torch.allclose(offsets[:, first], offsets[:, second])
