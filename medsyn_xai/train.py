@@ -200,7 +200,8 @@ class Trainer:
         torch.manual_seed(self.train.seed)
         model = Unet3D(self.config)
         if self.train.init_weights:
-            model.load_state_dict(self._initial_weights(Path(self.train.init_weights)), strict=True)
+            initial = self._initial_weights(Path(self.train.init_weights), model.state_dict())
+            model.load_state_dict(initial, strict=True)
         ema = copy.deepcopy(model).requires_grad_(False)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=self.train.learning_rate, weight_decay=self.train.weight_decay
@@ -208,7 +209,8 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.train.seed)
         return TrainState(step=0, model=model, ema=ema, optimizer=optimizer, generator=generator)
 
-    def _initial_weights(self, path: Path) -> dict[str, torch.Tensor]:
+    def _initial_weights(self, path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Return the weights in ``path`` checked against ``expected``, the new model's state dict."""
         try:
             loaded = load_safetensors(path)
         except CheckpointError as error:
@@ -216,7 +218,6 @@ class Trainer:
         # Options that change no weight, such as attend_to_padding, may differ. A
         # slice position embedding missing from the file starts at zero.
         weights = loaded.model.state_dict()
-        expected = Unet3D(self.config).state_dict()
         added = {key: value for key, value in expected.items() if key.startswith(_ZERO_START_PREFIXES)}
         if not added.keys() - weights.keys():
             added = {}
