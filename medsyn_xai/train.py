@@ -33,7 +33,7 @@ from medsyn_xai.data import NiftiFolderDataset, PhantomDataset, TextEmbeddingCac
 from medsyn_xai.model.checkpoint import CheckpointError, load_safetensors, save_safetensors
 from medsyn_xai.model.diffusion import TIME_SCALE, q_sample
 from medsyn_xai.model.registry import unet_config_from_settings
-from medsyn_xai.model.unet import Unet3D
+from medsyn_xai.model.unet import Unet3D, UnetConfig
 from medsyn_xai.phantom import FINDING_KINDS
 from medsyn_xai.text.encoder import TextEncoder
 
@@ -238,7 +238,14 @@ class Trainer:
             payload = torch.load(path, map_location="cpu", weights_only=False)
         except (OSError, RuntimeError, EOFError) as error:
             raise TrainingError(f"checkpoint '{path}' could not be read ({error}): remove it or resume from another") from None
-        if payload.get("config") != self.config.to_dict():
+        saved_config = None
+        if isinstance(payload.get("config"), dict):
+            try:
+                # from_dict fills options added since the checkpoint was written with their defaults.
+                saved_config = UnetConfig.from_dict(payload["config"]).to_dict()
+            except (TypeError, ValueError):
+                saved_config = None
+        if saved_config != self.config.to_dict():
             raise TrainingError(
                 f"checkpoint '{path}' was trained with another architecture: restore its model.* settings or start fresh"
             )
@@ -370,6 +377,9 @@ class Trainer:
                 log.info("checkpoint written", step=state.step, path=str(path))
         if state.step % train.checkpoint_every:
             self.save_checkpoint(state)
+        else:
+            # Resuming a finished run writes no checkpoint, but still exports its weights.
+            self.export(state)
         return state
 
 

@@ -170,6 +170,30 @@ def test_finding_kinds_restrict_cases(tmp_path, text_encoder):
     assert kinds == {"nodule"}
 
 
+def test_resume_of_finished_run_exports(tmp_path, text_encoder):
+    trainer = Trainer(settings_for(tmp_path), text_encoder=text_encoder)
+    trainer.fit(trainer.new_state())
+    (tmp_path / "model.safetensors").unlink()
+
+    again = Trainer(settings_for(tmp_path), text_encoder=text_encoder)
+    state = again.fit(again.resume_or_new(resume=True))
+    assert state.step == 4
+    assert load_safetensors(tmp_path / "model.safetensors").metadata["train_step"] == "4"
+
+
+def test_resume_checkpoint_without_new_options(tmp_path, text_encoder):
+    trainer = Trainer(settings_for(tmp_path), text_encoder=text_encoder)
+    trainer.fit(trainer.new_state())
+    latest = tmp_path / "latest.pt"
+    payload = torch.load(latest, weights_only=False)
+    for key in ("attend_to_padding", "slice_position_embedding"):
+        del payload["config"][key]
+    torch.save(payload, latest)
+
+    state = Trainer(settings_for(tmp_path), text_encoder=text_encoder).resume_or_new(resume=True)
+    assert state.step == 4
+
+
 def test_resume_without_checkpoint_rejected(tmp_path, text_encoder):
     trainer = Trainer(settings_for(tmp_path), text_encoder=text_encoder)
     with pytest.raises(TrainingError, match="latest.pt' does not exist"):
