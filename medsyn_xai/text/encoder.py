@@ -214,8 +214,8 @@ class TextEncoder:
 
         Runs only the tokenizer, so it is cheap next to :meth:`encode`.
         """
-        length = len(self.tokenizer(prompt, add_special_tokens=True, truncation=True, max_length=self.max_tokens)["input_ids"])
-        return torch.arange(self.max_tokens) < length
+        encoding = self.tokenizer(prompt, add_special_tokens=True, truncation=True, max_length=self.max_tokens)
+        return torch.arange(self.max_tokens) < len(encoding["input_ids"])
 
     @torch.inference_mode()
     def encode_batch(self, prompts: list[str], *, batch_size: int = 32) -> torch.Tensor:
