@@ -385,6 +385,26 @@ def test_killed_sampler_claim_completes_once(tmp_path):
     assert not list((inbox / ".claimed").glob("*/*"))
 
 
+def test_sampler_removes_abandoned_study_folders(tmp_path):
+    root = tmp_path / "data"
+    (root / "inbox").mkdir(parents=True)
+    abandoned = root / "studies" / ".victim.zarr.tmp-4242-deadbeef"
+    (abandoned / "ct").mkdir(parents=True)
+    (abandoned / "ct" / "c0").write_bytes(b"partial chunk")
+    hour_ago = time.time() - 3600
+    for path in (abandoned / "ct" / "c0", abandoned / "ct", abandoned):
+        os.utime(path, (hour_ago, hour_ago))
+    config = tiny_config(tmp_path, lease_seconds=2.0, reconcile_seconds=0.5)
+    sampler = Daemon("sampler", root, config, tmp_path / "sampler.log")
+    try:
+        sampler.start().wait_ready()
+        wait_for(lambda: not abandoned.exists(), 30, "the abandoned folder to go", sampler)
+    finally:
+        code = sampler.stop()
+    assert code == 0
+    assert [event["path"] for event in sampler.events("abandoned_temporary_removed")] == [str(abandoned)]
+
+
 def synthetic_study(study_id: str, prompt: str) -> SampledStudy:
     """A valid study without a model: whitespace tokens and uniform token maps."""
     tokens = [{"index": 0, "text": "[CLS]", "start": 0, "end": 0, "special": True}]
