@@ -54,7 +54,6 @@ from medsyn_xai import __version__
 
 __all__ = [
     "FORMAT_VERSION",
-    "remove_abandoned_temporaries",
     "STUDY_ID_PATTERN",
     "InvalidStudyIdError",
     "SampledStudy",
@@ -68,6 +67,7 @@ __all__ = [
     "list_studies",
     "marker_path",
     "nifti_affine",
+    "remove_abandoned_temporaries",
     "studies_dir",
     "study_path",
     "validate_study_id",

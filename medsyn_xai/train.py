@@ -218,10 +218,12 @@ class Trainer:
         # Options that change no weight, such as attend_to_padding, may differ. A
         # slice position embedding missing from the file starts at zero.
         weights = loaded.model.state_dict()
-        added = {key: value for key, value in expected.items() if key.startswith(_ZERO_START_PREFIXES)}
-        if not added.keys() - weights.keys():
-            added = {}
-        merged = {**added, **weights}
+        added = {
+            key: value
+            for key, value in expected.items()
+            if key not in weights and key.startswith(_ZERO_START_PREFIXES)
+        }
+        merged = {**weights, **added}
         if {key: tuple(value.shape) for key, value in merged.items()} != {
             key: tuple(value.shape) for key, value in expected.items()
         }:

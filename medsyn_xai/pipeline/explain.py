@@ -365,10 +365,12 @@ def _read_token_maps(store: StudyStore, indices: Sequence[int]) -> np.ndarray:
     flat = token_maps.reshape(token_maps.shape[0], -1)  # (K, d*h*w)
     not_finite = np.flatnonzero(~np.isfinite(flat).all(axis=1))
     if not_finite.size:
-        raise _corrupt(store, f"token map {indices[int(not_finite[0])]} contains NaN or infinite values")
+        token = indices[int(not_finite[0])]
+        raise _corrupt(store, f"token map {token} contains NaN or infinite values")
     negative = np.flatnonzero((flat < 0).any(axis=1))
     if negative.size:
-        raise _corrupt(store, f"token map {indices[int(negative[0])]} contains negative values")
+        token = indices[int(negative[0])]
+        raise _corrupt(store, f"token map {token} contains negative values")
     return token_maps.astype(np.float32, copy=False)
 
 
