@@ -154,6 +154,9 @@ class TrainSettings:
     the drawn phantom specs (see :func:`medsyn_xai.phantom.random_spec`).
     ``init_weights`` starts a new run from the weights of a ``model.safetensors``
     export (a later stage of a curriculum); the optimiser and step start afresh.
+    ``slice_position_std`` > 0 draws the weights of the model's slice position
+    embedding anew from N(0, std^2), seeded by ``seed``, even when ``init_weights``
+    holds them: an embedding that starts at zero barely moves in thousands of steps.
     """
 
     data: Literal["phantom", "nifti"] = "phantom"
@@ -167,6 +170,7 @@ class TrainSettings:
     p_normal: float = 0.15
     p_negation: float = 0.3
     init_weights: str = ""
+    slice_position_std: float = 0.0
     steps: int = 4000
     batch_size: int = 8
     learning_rate: float = 2e-4

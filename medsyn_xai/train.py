@@ -195,13 +195,17 @@ class Trainer:
     def new_state(self) -> TrainState:
         """Return a fresh state: initialised model, EMA copy, AdamW, seeded generator.
 
-        With ``train.init_weights`` set, the model starts from those weights.
+        With ``train.init_weights`` set, the model starts from those weights; with
+        ``train.slice_position_std`` > 0, its slice position embedding is drawn anew.
         """
         torch.manual_seed(self.train.seed)
         model = Unet3D(self.config)
         if self.train.init_weights:
             initial = self._initial_weights(Path(self.train.init_weights), model.state_dict())
             model.load_state_dict(initial, strict=True)
+        if self.train.slice_position_std > 0:
+            generator = torch.Generator().manual_seed(self.train.seed)
+            model.mid_slice_position.reset_parameters(self.train.slice_position_std, generator)
         ema = copy.deepcopy(model).requires_grad_(False)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=self.train.learning_rate, weight_decay=self.train.weight_decay
@@ -409,6 +413,15 @@ def _check_train_settings(train: TrainSettings, settings: Settings) -> None:
         (train.log_every >= 1, f"train.log_every is {train.log_every}: use 1 or more"),
         (train.lesion_weight > 0, f"train.lesion_weight is {train.lesion_weight}: use a positive number"),
         (train.time_shift > 0, f"train.time_shift is {train.time_shift}: use a positive number (1 keeps times uniform)"),
+        (
+            train.slice_position_std >= 0,
+            f"train.slice_position_std is {train.slice_position_std}: use 0 (start at zero) or a positive number",
+        ),
+        (
+            train.slice_position_std == 0 or settings.model.slice_position_embedding,
+            f"train.slice_position_std is {train.slice_position_std} but model.slice_position_embedding is off: "
+            "turn it on or set the std to 0",
+        ),
         (0 <= train.p_normal <= 1, f"train.p_normal is {train.p_normal}: use a probability in [0, 1]"),
         (0 <= train.p_negation <= 1, f"train.p_negation is {train.p_negation}: use a probability in [0, 1]"),
         (

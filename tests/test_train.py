@@ -161,6 +161,40 @@ def test_init_weights_add_slice_embedding(tmp_path, text_encoder):
         assert torch.equal(weights[key], tensor), key
 
 
+def test_slice_std_redraws_loaded_embedding(tmp_path, text_encoder):
+    with_slices = settings_for(tmp_path / "first")
+    with_slices = replace(with_slices, model=replace(with_slices.model, slice_position_embedding=True))
+    first = Trainer(with_slices, text_encoder=text_encoder)
+    first.fit(first.new_state())
+    export = load_safetensors(tmp_path / "first" / "model.safetensors").model.state_dict()
+
+    redrawn = replace(
+        with_slices,
+        train=replace(
+            with_slices.train,
+            out_dir=str(tmp_path / "second"),
+            init_weights=str(tmp_path / "first" / "model.safetensors"),
+            slice_position_std=0.5,
+        ),
+    )
+    weights = Trainer(redrawn, text_encoder=text_encoder).new_state().model.state_dict()
+    again = Trainer(redrawn, text_encoder=text_encoder).new_state().model.state_dict()
+
+    embedding = weights["mid_slice_position.proj.weight"]
+    assert not torch.equal(embedding, export["mid_slice_position.proj.weight"])
+    assert float(embedding.std()) == pytest.approx(0.5, rel=0.3)
+    assert torch.equal(embedding, again["mid_slice_position.proj.weight"])  # seeded by train.seed
+    assert torch.count_nonzero(weights["mid_slice_position.proj.bias"]) == 0
+    for key, tensor in export.items():
+        if not key.startswith("mid_slice_position."):
+            assert torch.equal(weights[key], tensor), key
+
+
+def test_slice_std_needs_the_embedding(tmp_path, text_encoder):
+    with pytest.raises(TrainingError, match="slice_position_std is 0.5 but model.slice_position_embedding is off"):
+        Trainer(settings_for(tmp_path, slice_position_std=0.5), text_encoder=text_encoder)
+
+
 def test_finding_kinds_restrict_cases(tmp_path, text_encoder):
     trainer = Trainer(
         settings_for(tmp_path, cases=12, finding_kinds=("nodule",), max_findings=1, p_normal=0.0),
@@ -209,6 +243,7 @@ def test_resume_without_checkpoint_rejected(tmp_path, text_encoder):
         ({"data": "nifti"}, "nifti_folder is empty"),
         ({"p_normal": -0.1}, "p_normal is -0.1"),
         ({"time_shift": 0.0}, "time_shift is 0.0"),
+        ({"slice_position_std": -1.0}, "slice_position_std is -1.0"),
         ({"finding_kinds": ("nodule", "tumour")}, "finding_kinds has \\['tumour'\\]"),
         ({"init_weights": "missing/model.safetensors"}, "init_weights 'missing/model.safetensors' is not a file"),
     ],

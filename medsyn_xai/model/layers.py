@@ -52,15 +52,24 @@ class SlicePositionEmbedding(nn.Module):
     Each slice's relative height z / (F - 1) in [0, 1] (0 for a single slice)
     becomes ``features`` fixed sinusoids, which a linear layer maps to C channels.
     The layer starts at zero, so adding the embedding to a trained network leaves
-    its output unchanged until the embedding is trained.
+    its output unchanged until the embedding is trained. :meth:`reset_parameters`
+    with a positive ``std`` starts it random instead, so that slices differ from
+    the first training step.
     """
 
     def __init__(self, dim: int, *, features: int = 16) -> None:
         super().__init__()
         self.features = features
         self.proj = nn.Linear(features, dim)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.0, generator: torch.Generator | None = None) -> None:
+        """Set the bias to zero and draw the weight from N(0, std^2); 0 gives zeros."""
+        with torch.no_grad():
+            self.proj.bias.zero_()
+            self.proj.weight.zero_()
+            if std > 0:
+                self.proj.weight.normal_(0.0, std, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slices = x.shape[2]

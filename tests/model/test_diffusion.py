@@ -178,3 +178,15 @@ def test_slice_position_embedding_varies_by_slice():
     for first in range(6):
         for second in range(first + 1, 6):
             assert not torch.allclose(offsets[:, first], offsets[:, second])
+
+
+def test_slice_embedding_reset_is_seeded():
+    embedding = SlicePositionEmbedding(8)
+    embedding.reset_parameters(0.5, torch.Generator().manual_seed(3))
+    first = embedding.proj.weight.clone()
+    embedding.reset_parameters(0.5, torch.Generator().manual_seed(3))
+    assert torch.equal(embedding.proj.weight, first)
+    assert torch.count_nonzero(first) == first.numel()
+
+    embedding.reset_parameters()
+    assert torch.count_nonzero(embedding.proj.weight) == 0
