@@ -31,7 +31,7 @@ from medsyn_xai.config import EVAL_SEED_OFFSET
 from medsyn_xai.metrics import auroc, mass_in_mask, pointing_game
 from medsyn_xai.model.diffusion import sample
 from medsyn_xai.model.volume import decode_volume
-from medsyn_xai.phantom import FINDING_KINDS, LOBE_LABELS, random_spec
+from medsyn_xai.phantom import FINDING_KINDS, lobe_label, random_spec
 from medsyn_xai.phantom.report import write_report
 from medsyn_xai.pipeline.generate import StudyGenerator
 from medsyn_xai.saliency.capture import ObserverGroup, SaliencyCapture
@@ -90,9 +90,9 @@ def _location_correct(finding, lesion: np.ndarray, lobes: np.ndarray) -> bool:
         labels = lobes[lesion & (lobes > 0)]
         if labels.size == 0:
             return False
-        return bool(np.mean(labels == LOBE_LABELS[finding.lobe]) > 0.5)
+        return bool(np.mean(labels == lobe_label(finding.lobe)) > 0.5)  # the lingula counts as LUL
     centroid_x = np.argwhere(lesion)[:, 2].mean()
-    on_right = centroid_x < lesion.shape[2] / 2  # x runs from the patient's right to left
+    on_right = bool(centroid_x < lesion.shape[2] / 2)  # x runs from the patient's right to left
     return on_right == (finding.side == "right")
 
 
