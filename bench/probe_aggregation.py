@@ -1,0 +1,121 @@
+"""Compare token-map aggregations (layers x steps) on the evaluation's located cases.
+
+Run from the repository root:
+
+    python bench/probe_aggregation.py [--n 48] [--guidance-scale 1.0] [--checkpoint FILE]
+
+The script samples the located cases among the first ``--n`` held-out cases of
+``medsyn-xai evaluate`` (same seeds, same reports) once each, with one capture per
+aggregation attached to the same sampling run. For each aggregation it scores
+the finding word's heatmap against the generated lesion with the pointing game,
+mass in mask and AUROC, and prints the means over the cases that drew a lesion.
+The "all layers, all steps" row equals the full aggregation of ``evaluate``, and
+"layer 3, last step" its baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+
+N_STEPS = 50
+
+
+def aggregations(model) -> dict:
+    """Return one fresh capture per aggregation, keyed by a readable name."""
+    from medsyn_xai.saliency.capture import SaliencyCapture
+
+    n_layers = len(model.cross_attention_layers())
+    half = N_STEPS // 2
+    captures = {"all layers, all steps": SaliencyCapture(model)}
+    for layer in range(n_layers):
+        captures[f"layer {layer}, all steps"] = SaliencyCapture(model, layers=[layer])
+    captures["all layers, first half of steps"] = SaliencyCapture(model, steps=list(range(half)))
+    captures["all layers, second half of steps"] = SaliencyCapture(model, steps=list(range(half, N_STEPS)))
+    captures["all layers, last step"] = SaliencyCapture(model, steps=[N_STEPS - 1])
+    captures[f"layer {n_layers - 1}, last step"] = SaliencyCapture(model, layers=[n_layers - 1], steps=[N_STEPS - 1])
+    return captures
+
+
+def main() -> None:
+    from dataclasses import replace
+
+    from medsyn_xai.config import EVAL_SEED_OFFSET, load_settings
+    from medsyn_xai.evaluate import _CASE_KINDS, _draw_spec
+    from medsyn_xai.metrics import auroc, mass_in_mask, pointing_game
+    from medsyn_xai.model.diffusion import sample
+    from medsyn_xai.model.volume import decode_volume
+    from medsyn_xai.phantom.report import write_report
+    from medsyn_xai.pipeline.generate import StudyGenerator
+    from medsyn_xai.saliency.capture import ObserverGroup
+    from medsyn_xai.saliency.resize import resize_maps
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=48, help="held-out cases to draw from, as in evaluate (default: 48)")
+    parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (default: 1.0)")
+    parser.add_argument("--checkpoint", default="", help="weights to probe (default: the shipped default model)")
+    args = parser.parse_args()
+
+    settings = load_settings(None)
+    if args.checkpoint:
+        settings = replace(settings, model=replace(settings.model, checkpoint=args.checkpoint))
+    generator = StudyGenerator(settings)
+    model = generator.model
+    grid = settings.output.grid
+    factor = generator.loaded.config.downsample_factor
+    attention_grid = (generator.native_shape[1] // factor, generator.native_shape[2] // factor)
+
+    scores: dict[str, list[tuple[float, float, float]]] = {}
+    located = [index for index in range(args.n) if _CASE_KINDS[index % len(_CASE_KINDS)] == "located"]
+    for index in located:
+        seed = EVAL_SEED_OFFSET + index
+        spec = _draw_spec(seed, "located")
+        report = write_report(spec, seed)
+        encoded = generator.text_encoder.encode(report.text)
+
+        captures = aggregations(model)
+        with contextlib.ExitStack() as stack:
+            for capture in captures.values():
+                stack.enter_context(capture)
+            x0 = sample(
+                model,
+                encoded.embeddings,
+                context_mask=encoded.attention_mask,
+                shape=generator.native_shape,
+                seed=seed,
+                steps=N_STEPS,
+                guidance_scale=args.guidance_scale,
+                observer=ObserverGroup(*captures.values()),
+            )
+        _, masks = decode_volume(x0, generator.channel_names, grid)
+        lesion = masks["lesion"] > 0
+        if not lesion.any():
+            continue
+
+        mention = report.mentions_of(0)[0]
+        tokens = [
+            record.index
+            for record in encoded.tokens
+            if not record.special and record.start < mention.end and mention.start < record.end
+        ]
+        for name, capture in captures.items():
+            maps = capture.token_maps(*attention_grid)[tokens].mean(dim=0, keepdim=True)
+            heatmap = resize_maps(maps, grid)[0].numpy()
+            row = (float(pointing_game(heatmap, lesion)), mass_in_mask(heatmap, lesion), auroc(heatmap, lesion))
+            scores.setdefault(name, []).append(row)
+
+    n_cases = len(next(iter(scores.values()), []))
+    print(f"{n_cases} of {len(located)} located cases drew a lesion; guidance {args.guidance_scale}")
+    print(f"{'aggregation':36s} {'pointing':>8s} {'mass':>7s} {'auroc':>6s}")
+    for name, rows in scores.items():
+        pointing, mass, roc_area = np.mean(np.array(rows), axis=0)
+        print(f"{name:36s} {pointing:8.2f} {mass:7.3f} {roc_area:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
