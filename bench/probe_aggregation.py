@@ -45,12 +45,11 @@ def aggregations(model) -> dict:
 def main() -> None:
     from dataclasses import replace
 
-    from medsyn_xai.config import EVAL_SEED_OFFSET, load_settings
-    from medsyn_xai.evaluate import _CASE_KINDS, _draw_spec
+    from medsyn_xai.config import load_settings
+    from medsyn_xai.evaluate import finding_tokens, held_out_case
     from medsyn_xai.metrics import auroc, mass_in_mask, pointing_game
     from medsyn_xai.model.diffusion import sample
     from medsyn_xai.model.volume import decode_volume
-    from medsyn_xai.phantom.report import write_report
     from medsyn_xai.pipeline.generate import StudyGenerator
     from medsyn_xai.saliency.capture import ObserverGroup
     from medsyn_xai.saliency.resize import resize_maps
@@ -71,12 +70,10 @@ def main() -> None:
     attention_grid = (generator.native_shape[1] // factor, generator.native_shape[2] // factor)
 
     scores: dict[str, list[tuple[float, float, float]]] = {}
-    located = [index for index in range(args.n) if _CASE_KINDS[index % len(_CASE_KINDS)] == "located"]
-    for index in located:
-        seed = EVAL_SEED_OFFSET + index
-        spec = _draw_spec(seed, "located")
-        report = write_report(spec, seed)
-        encoded = generator.text_encoder.encode(report.text)
+    cases = [held_out_case(index) for index in range(args.n)]
+    located = [case for case in cases if case.kind == "located"]
+    for case in located:
+        encoded = generator.text_encoder.encode(case.report.text)
 
         captures = aggregations(model)
         with contextlib.ExitStack() as stack:
@@ -87,7 +84,7 @@ def main() -> None:
                 encoded.embeddings,
                 context_mask=encoded.attention_mask,
                 shape=generator.native_shape,
-                seed=seed,
+                seed=case.seed,
                 steps=N_STEPS,
                 guidance_scale=args.guidance_scale,
                 observer=ObserverGroup(*captures.values()),
@@ -97,12 +94,7 @@ def main() -> None:
         if not lesion.any():
             continue
 
-        mention = report.mentions_of(0)[0]
-        tokens = [
-            record.index
-            for record in encoded.tokens
-            if not record.special and record.start < mention.end and mention.start < record.end
-        ]
+        tokens = finding_tokens(case, encoded.tokens)
         for name, capture in captures.items():
             maps = capture.token_maps(*attention_grid)[tokens].mean(dim=0, keepdim=True)
             heatmap = resize_maps(maps, grid)[0].numpy()

@@ -156,7 +156,8 @@ class TrainSettings:
     export (a later stage of a curriculum); the optimiser and step start afresh.
     ``slice_position_std`` > 0 draws the weights of the model's slice position
     embedding anew from N(0, std^2), seeded by ``seed``, even when ``init_weights``
-    holds them: an embedding that starts at zero barely moves in thousands of steps.
+    contains them. An embedding that starts at zero barely moved in 3,000 steps of
+    the default model's second stage.
     """
 
     data: Literal["phantom", "nifti"] = "phantom"

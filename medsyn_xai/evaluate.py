@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import structlog
@@ -31,20 +31,30 @@ from medsyn_xai.config import EVAL_SEED_OFFSET
 from medsyn_xai.metrics import auroc, mass_in_mask, pointing_game
 from medsyn_xai.model.diffusion import sample
 from medsyn_xai.model.volume import decode_volume
-from medsyn_xai.phantom import FINDING_KINDS, lobe_label, random_spec
-from medsyn_xai.phantom.report import write_report
+from medsyn_xai.phantom import FINDING_KINDS, PhantomSpec, lobe_label, random_spec
+from medsyn_xai.phantom.report import Report, write_report
 from medsyn_xai.pipeline.generate import StudyGenerator
 from medsyn_xai.saliency.capture import ObserverGroup, SaliencyCapture
 from medsyn_xai.saliency.resize import resize_maps
+from medsyn_xai.text.tokens import TokenRecord
 
-__all__ = ["CaseResult", "evaluate_model", "LOBE_KINDS", "SIDE_KINDS"]
+__all__ = [
+    "CASE_KINDS",
+    "CaseResult",
+    "HeldOutCase",
+    "evaluate_model",
+    "finding_tokens",
+    "held_out_case",
+    "LOBE_KINDS",
+    "SIDE_KINDS",
+]
 
 log = structlog.get_logger(__name__)
 
 LOBE_KINDS = ("nodule", "mass", "consolidation", "ground_glass", "atelectasis")
 SIDE_KINDS = ("pleural_effusion", "pneumothorax")
 EXPLANATION_KEYS = ("pointing_game", "mass_in_mask", "auroc")
-_CASE_KINDS = ("located", "located", "negated", "normal")
+CASE_KINDS = ("located", "located", "negated", "normal")
 _MAX_REDRAWS = 200
 
 
@@ -80,6 +90,39 @@ def _draw_spec(seed: int, kind: str):
             if (kind == "negated") == has_findings:
                 return spec
     raise RuntimeError(f"no {kind} spec found for seed {seed} in {_MAX_REDRAWS} draws")
+
+
+@dataclass(frozen=True)
+class HeldOutCase:
+    """One held-out evaluation case: its seed, kind, phantom spec and report."""
+
+    seed: int
+    kind: str
+    spec: PhantomSpec
+    report: Report
+
+
+def held_out_case(index: int, *, seed: int = 0) -> HeldOutCase:
+    """Return held-out case ``index`` of an evaluation that starts at ``seed``.
+
+    Case kinds cycle through :data:`CASE_KINDS`, and the case seed is
+    ``EVAL_SEED_OFFSET + seed + index``, so any script can draw the same cases
+    as :func:`evaluate_model`.
+    """
+    case_seed = EVAL_SEED_OFFSET + seed + index
+    kind = CASE_KINDS[index % len(CASE_KINDS)]
+    spec = _draw_spec(case_seed, kind)
+    return HeldOutCase(seed=case_seed, kind=kind, spec=spec, report=write_report(spec, case_seed))
+
+
+def finding_tokens(case: HeldOutCase, tokens: Sequence[TokenRecord]) -> list[int]:
+    """Return the indices of the prompt tokens that overlap the first finding's first mention."""
+    mention = case.report.mentions_of(0)[0]
+    return [
+        record.index
+        for record in tokens
+        if not record.special and record.start < mention.end and mention.start < record.end
+    ]
 
 
 def _location_correct(finding, lesion: np.ndarray, lobes: np.ndarray) -> bool:
@@ -149,11 +192,9 @@ def evaluate_model(
 
     cases: list[CaseResult] = []
     for index in range(n):
-        case_seed = EVAL_SEED_OFFSET + seed + index
-        kind = _CASE_KINDS[index % len(_CASE_KINDS)]
-        spec = _draw_spec(case_seed, kind)
-        report = write_report(spec, case_seed)
-        encoded = generator.text_encoder.encode(report.text)
+        case = held_out_case(index, seed=seed)
+        case_seed, kind, spec = case.seed, case.kind, case.spec
+        encoded = generator.text_encoder.encode(case.report.text)
 
         # 1. One sampling run feeds both aggregations.
         full = SaliencyCapture(model)
@@ -171,7 +212,7 @@ def evaluate_model(
             )
         _, masks = decode_volume(x0, generator.channel_names, grid)
         lesion = masks["lesion"] > 0
-        result = CaseResult(seed=case_seed, kind=kind, report=report.text, lesion_voxels=int(lesion.sum()))
+        result = CaseResult(seed=case_seed, kind=kind, report=case.report.text, lesion_voxels=int(lesion.sum()))
 
         # 2. Text following.
         if kind != "located":
@@ -182,12 +223,7 @@ def evaluate_model(
             result.location_correct = _location_correct(finding, lesion, masks["lobes"])
 
             # 3. Explanation of the finding word against the generated lesion.
-            mention = report.mentions_of(0)[0]
-            tokens = [
-                record.index
-                for record in encoded.tokens
-                if not record.special and record.start < mention.end and mention.start < record.end
-            ]
+            tokens = finding_tokens(case, encoded.tokens)
             if tokens and lesion.any():
                 for capture, scores in ((full, result.full), (baseline, result.baseline)):
                     maps = capture.token_maps(*attention_grid)[tokens].mean(dim=0, keepdim=True)

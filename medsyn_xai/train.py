@@ -195,7 +195,7 @@ class Trainer:
     def new_state(self) -> TrainState:
         """Return a fresh state: initialised model, EMA copy, AdamW, seeded generator.
 
-        With ``train.init_weights`` set, the model starts from those weights; with
+        With ``train.init_weights`` set, the model starts from those weights. With
         ``train.slice_position_std`` > 0, its slice position embedding is drawn anew.
         """
         torch.manual_seed(self.train.seed)

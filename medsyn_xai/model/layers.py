@@ -64,7 +64,7 @@ class SlicePositionEmbedding(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.0, generator: torch.Generator | None = None) -> None:
-        """Set the bias to zero and draw the weight from N(0, std^2); 0 gives zeros."""
+        """Set the bias to zero and draw the weight from N(0, std^2), or set it to zero when std is 0."""
         with torch.no_grad():
             self.proj.bias.zero_()
             self.proj.weight.zero_()
