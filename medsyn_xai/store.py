@@ -51,6 +51,7 @@ import structlog
 import zarr
 
 from medsyn_xai import __version__
+from medsyn_xai.chunk_io import write_rows
 
 __all__ = [
     "FORMAT_VERSION",
@@ -516,8 +517,11 @@ def _corrupt(path: Path, detail: str) -> StoreCorruptError:
     return StoreCorruptError(f"study store '{path}' is corrupt: {detail}: write the study again with --overwrite")
 
 
-def _check_layout(path: Path, study_id: str, group: zarr.Group) -> None:
-    """Check the attributes and nodes every reader needs, without reading array data."""
+def _check_layout(path: Path, study_id: str, group: zarr.Group) -> dict[str, zarr.Array]:
+    """Check the attributes and nodes every reader needs, without reading array data.
+
+    Returns the ``ct`` and ``saliency/tokens`` arrays it opened, by node name.
+    """
     attrs = group.attrs
     version = attrs.get("format_version")
     if version != FORMAT_VERSION:
@@ -540,11 +544,15 @@ def _check_layout(path: Path, study_id: str, group: zarr.Group) -> None:
         or not all(isinstance(value, (int, float)) for value in spacing)
     ):
         raise _corrupt(path, f"group attribute spacing_mm is {spacing!r}, expected [z, y, x] in mm")
+    arrays = {}
     for node in ("ct", "saliency/tokens"):
-        if not isinstance(group.get(node), zarr.Array):
+        array = group.get(node)
+        if not isinstance(array, zarr.Array):
             raise _corrupt(path, f"array {node!r} is missing")
+        arrays[node] = array
     if not isinstance(group.get("masks"), zarr.Group):
         raise _corrupt(path, "group 'masks' is missing")
+    return arrays
 
 
 class StudyStore:
@@ -555,12 +563,17 @@ class StudyStore:
     access, so keep the result if you need it twice.
     """
 
-    def __init__(self, path: Path, group: zarr.Group, study_id: str) -> None:
+    def __init__(
+        self, path: Path, group: zarr.Group, study_id: str, arrays: Mapping[str, zarr.Array] | None = None
+    ) -> None:
         """Wrap an open group whose layout :meth:`open` has checked. Call :meth:`open` instead."""
         self.path = path
         self.root = path.parent.parent
         self.study_id = study_id
         self._group = group
+        # Handles of the nodes a sampled store never changes (``ct``, ``saliency/tokens``),
+        # so their metadata is read once. Their data is still read on every access.
+        self._arrays: dict[str, zarr.Array] = dict(arrays or {})
         self.attrs: dict[str, Any] = dict(group.attrs)
         self.prompt: str = str(self.attrs["prompt"])
         self.tokens: list[dict[str, Any]] = [dict(token) for token in self.attrs["tokens"]]
@@ -616,10 +629,12 @@ class StudyStore:
             group = zarr.open_group(path, mode="r", zarr_format=3)
         except (FileNotFoundError, ValueError) as error:
             raise _corrupt(path, f"no readable Zarr v3 group ({error})") from error
-        _check_layout(path, study_id, group)
-        return cls(path, group, study_id)
+        arrays = _check_layout(path, study_id, group)
+        return cls(path, group, study_id, arrays)
 
     def _array(self, node: str) -> zarr.Array:
+        if node in self._arrays:
+            return self._arrays[node]
         array = self._group.get(node)
         if not isinstance(array, zarr.Array):
             raise _corrupt(self.path, f"array {node!r} is missing")
@@ -837,7 +852,7 @@ class StudyStore:
 
 
 def write_entities(
-    path: Path | str,
+    path: Path | str | StudyStore,
     entities: list[dict[str, Any]],
     heatmaps: np.ndarray,
     *,
@@ -851,7 +866,8 @@ def write_entities(
     group is replaced, so running the NER step again is safe.
 
     Args:
-        path: the study's ``.zarr`` folder. Its ``.sampled`` marker must exist.
+        path: the study's ``.zarr`` folder, whose ``.sampled`` marker must exist, or
+            a store already opened with ``require="sampled"``.
         entities: one JSON-compatible dict per entity (text, label, start, end,
             assertion, token indices).
         heatmaps: float32 (E, Z, Y, X) finite heatmaps with E == len(entities),
@@ -864,7 +880,7 @@ def write_entities(
         StoreNotReadyError: the study or its ``.sampled`` marker is missing.
         ValueError: heatmaps have the wrong dtype, shape or non-finite values.
     """
-    store = StudyStore.open(path, require="sampled")
+    store = path if isinstance(path, StudyStore) else StudyStore.open(path, require="sampled")
     for index, entity in enumerate(entities):
         if not isinstance(entity, Mapping):
             raise ValueError(f"invalid entity {index} of type {type(entity).__name__}: pass one dict per entity")
@@ -898,8 +914,12 @@ def write_entities(
         del group["entities"]
     entity_group = group.create_group("entities", attributes=attrs)
     # Uncompressed: float attention maps compress poorly, and the codec more than
-    # doubled the write time of ten 64^3 heatmaps (zarr 3.1, 2-core CPU).
-    entity_group.create_array("heatmaps", data=heatmaps, chunks=(1, *heatmaps.shape[1:]), compressors=None)
+    # doubled the write time of ten 64^3 heatmaps (zarr 3.1, 2-core CPU). The
+    # chunks go straight to their files (chunk_io), which halves it again.
+    array = entity_group.create_array(
+        "heatmaps", shape=heatmaps.shape, dtype=np.float32, chunks=(1, *heatmaps.shape[1:]), compressors=None
+    )
+    write_rows(array, heatmaps)
 
     payload = {
         "study_id": store.study_id,

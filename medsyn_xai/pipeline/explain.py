@@ -40,6 +40,7 @@ import structlog
 import torch
 
 from medsyn_xai.align import align_entities
+from medsyn_xai.chunk_io import ShardIndexError, read_rows
 from medsyn_xai.config import NerSettings
 from medsyn_xai.ner.backends import NERBackend, get_backend
 from medsyn_xai.ner.entity import Entity
@@ -214,7 +215,7 @@ class StudyExplainer:
 
         # 5. Publish: write_entities writes the .explained marker last.
         write_entities(
-            store.path,
+            store,
             [entity.to_dict() for entity in aligned],
             heatmaps,
             backend=self.backend.name,
@@ -361,7 +362,10 @@ def _read_token_maps(store: StudyStore, indices: Sequence[int]) -> np.ndarray:
     array = store.saliency_array
     if not indices:
         return np.zeros((0, *array.shape[1:]), dtype=np.float32)
-    token_maps = np.asarray(array.oindex[list(indices)])
+    try:
+        token_maps = read_rows(array, indices)
+    except ShardIndexError as error:
+        raise _corrupt(store, str(error)) from None
     flat = token_maps.reshape(token_maps.shape[0], -1)  # (K, d*h*w)
     not_finite = np.flatnonzero(~np.isfinite(flat).all(axis=1))
     if not_finite.size:

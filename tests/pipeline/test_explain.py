@@ -195,6 +195,24 @@ def test_invalid_token_maps_rejected(tmp_path, text_encoder, explainer, value, f
     assert not marker_path(tmp_path, "case", "explained").exists()
 
 
+def test_damaged_token_map_shard_rejected(tmp_path, text_encoder, explainer):
+    path = write_prompt_study(tmp_path, text_encoder, PROMPT)
+    saliency = zarr.open_array(path / "saliency" / "tokens", mode="r")
+    shard = path / "saliency" / "tokens" / saliency.metadata.encode_chunk_key((0, 0, 0, 0))
+    data = bytearray(shard.read_bytes())
+    data[-12] ^= 0xFF  # a byte of the shard index, which ends with a 4-byte CRC32C
+    shard.write_bytes(bytes(data))
+
+    with pytest.raises(StoreCorruptError) as caught:
+        explainer.explain(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "fails its CRC32C" in message
+    assert "--overwrite" in message
+    assert "\n" not in message
+    assert not marker_path(tmp_path, "case", "explained").exists()
+
+
 def test_bad_map_outside_entities_ignored(tmp_path, text_encoder, explainer):
     path = write_prompt_study(tmp_path, text_encoder, PROMPT)
     store = StudyStore.open(path)
