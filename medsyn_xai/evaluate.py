@@ -20,7 +20,7 @@ step only). Cases cycle through three kinds:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -176,7 +176,10 @@ def evaluate_model(
         A dict with ``lesion_location_accuracy``, ``negated_absent_rate``,
         ``normal_clean_rate``, ``pointing_game``, ``mass_in_mask``, ``auroc``,
         ``baseline_last_layer_last_step`` (the three explanation keys), per-finding
-        explanation scores under ``per_finding``, case counts and settings.
+        explanation scores under ``per_finding``, one row per case under ``cases``
+        (seed, kind, report, finding, location_correct, lesion_clean,
+        lesion_voxels and the ``full`` and ``baseline`` scores), case counts and
+        settings.
     """
     if n < 1:
         raise ValueError(f"n is {n}: evaluate at least one case")
@@ -270,6 +273,7 @@ def _summarise(cases: list[CaseResult], **settings) -> dict:
             "normal": len(normal),
         },
         "settings": settings,
+        "cases": [asdict(case) for case in cases],
     }
     for kind in sorted({case.finding for case in explained}):
         of_kind = [case for case in explained if case.finding == kind]

@@ -87,6 +87,14 @@ def test_evaluate_json_keys(trained):
     assert set(report["baseline_last_layer_last_step"]) == {"pointing_game", "mass_in_mask", "auroc"}
     assert report["counts"]["cases"] == 4
 
+    rows = report["cases"]
+    assert [row["kind"] for row in rows] == ["located", "located", "negated", "normal"]
+    located = [row["location_correct"] for row in rows if row["kind"] == "located"]
+    assert report["lesion_location_accuracy"] == pytest.approx(sum(located) / len(located))
+    negated = [row for row in rows if row["kind"] == "negated"]
+    assert negated[0]["lesion_clean"] == bool(report["negated_absent_rate"])
+    assert all(row["report"] for row in rows)
+
 
 def test_train_bad_config(tmp_path):
     config = tmp_path / "bad.toml"
