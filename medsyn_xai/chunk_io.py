@@ -120,7 +120,7 @@ def write_rows(array: zarr.Array, data: np.ndarray) -> None:
     for row in range(values.shape[0]):
         path = folder / _chunk_key(array, row)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(values[row].tobytes())
+        path.write_bytes(memoryview(values[row]))
 
 
 def _local_folder(array: zarr.Array) -> Path | None:
