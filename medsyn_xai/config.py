@@ -158,6 +158,9 @@ class TrainSettings:
     embedding anew from N(0, std^2), seeded by ``seed``, even when ``init_weights``
     contains them. An embedding that starts at zero barely moved in 3,000 steps of
     the default model's second stage.
+    ``grounding_weight`` > 0 adds the token grounding loss of
+    :mod:`medsyn_xai.grounding`, which pulls the cross-attention of each drawn
+    finding's words into its region. Only phantom data has the regions.
     """
 
     data: Literal["phantom", "nifti"] = "phantom"
@@ -172,6 +175,7 @@ class TrainSettings:
     p_negation: float = 0.3
     init_weights: str = ""
     slice_position_std: float = 0.0
+    grounding_weight: float = 0.0
     steps: int = 4000
     batch_size: int = 8
     learning_rate: float = 2e-4

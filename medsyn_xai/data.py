@@ -6,7 +6,11 @@ Both datasets yield dicts with
   the CT (HU clipped to [-1024, 600] and scaled), then the mask channels in the
   order of ``channel_names``;
 * ``text``: float32 (T, D) text embeddings of the report, cached per report;
-* ``report``: the report text; ``study_id``: a string id.
+* ``report``: the report text; ``study_id``: a string id;
+* ``findings``: for phantoms, one dict per drawn finding with ``spans`` (character
+  ``(start, end)`` of its mentions in the report) and ``region``, a bool (D, H, W)
+  tensor on the native grid, max-pooled from the finding's mask. Empty for NIfTI
+  folders, whose masks are not split by finding.
 
 Array axes follow the package convention (z, y, x): x from the patient's right to
 left, y from anterior to posterior, z from inferior to superior.
@@ -146,7 +150,8 @@ def phantom_case(
 
     Returns:
         dict with ``image`` float32 (C, D, H, W), ``report`` str, ``study_id`` str,
-        ``spec`` (the phantom spec as a dict) and ``lesion_fraction`` float.
+        ``spec`` (the phantom spec as a dict), ``lesion_fraction`` float and
+        ``findings`` (see the module docstring, regions as bool numpy arrays).
     """
     spec = random_spec(seed, **(spec_options or {}))
     phantom = generate_phantom(spec, shape=phantom_shape)
@@ -154,12 +159,21 @@ def phantom_case(
     channels = encode_volume(phantom.ct, phantom.masks, tuple(channel_names))
     image = downsample_case(channels, channel_names, native_shape)
     lesion_fraction = float((phantom.masks["lesion"] > 0).mean()) if "lesion" in phantom.masks else 0.0
+
+    findings = []
+    for index, mask in enumerate(phantom.finding_masks):
+        spans = [(mention.start, mention.end) for mention in report.mentions_of(index)]
+        if not spans or not mask.any():
+            continue  # negated (not drawn) or never named in the report
+        region = F.adaptive_max_pool3d(torch.from_numpy(mask).float()[None, None], native_shape)[0, 0] > 0
+        findings.append({"spans": spans, "region": region.numpy()})
     return {
         "image": image,
         "report": report.text,
         "study_id": f"phantom-{seed}",
         "spec": spec.to_dict(),
         "lesion_fraction": lesion_fraction,
+        "findings": findings,
     }
 
 
@@ -208,6 +222,10 @@ class PhantomDataset(Dataset):
             "report": case["report"],
             "study_id": case["study_id"],
             "lesion_fraction": case["lesion_fraction"],
+            "findings": [
+                {"spans": finding["spans"], "region": torch.from_numpy(finding["region"])}
+                for finding in case["findings"]
+            ],
         }
 
 
@@ -304,6 +322,7 @@ class NiftiFolderDataset(Dataset):
             "report": row.report,
             "study_id": row.study_id,
             "lesion_fraction": float((masks.get("lesion", np.zeros(1)) > 0).mean()),
+            "findings": [],
         }
 
     @staticmethod

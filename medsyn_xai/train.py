@@ -15,6 +15,7 @@ Outputs under ``train.out_dir``:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -30,12 +31,14 @@ from torch import nn
 
 from medsyn_xai.config import Settings, TrainSettings
 from medsyn_xai.data import NiftiFolderDataset, PhantomDataset, TextEmbeddingCache
+from medsyn_xai.grounding import grounding_loss, record_attention, region_on_attention_grid, span_token_mask
 from medsyn_xai.model.checkpoint import CheckpointError, load_safetensors, save_safetensors
 from medsyn_xai.model.diffusion import TIME_SCALE, q_sample
 from medsyn_xai.model.registry import unet_config_from_settings
 from medsyn_xai.model.unet import Unet3D, UnetConfig
 from medsyn_xai.phantom import FINDING_KINDS
 from medsyn_xai.text.encoder import TextEncoder
+from medsyn_xai.text.tokens import TokenRecord
 
 __all__ = ["TrainState", "Trainer", "TrainingError", "shift_time", "weighted_x0_loss"]
 
@@ -155,11 +158,47 @@ class Trainer:
             encode_batch=self.text_encoder.encode_batch,
         )
         self._masks: dict[str, torch.Tensor] = {}
+        self._token_records: dict[str, tuple[TokenRecord, ...]] = {}
+        self.last_grounding_loss = torch.zeros(())
         self.dataset = self._build_dataset(progress)
 
         weights = self.train.channel_weights or (1.0,) * self.config.channels
         self.channel_weights = torch.tensor(weights, dtype=torch.float32)
         self.lesion_channel = self.channel_names.index("lesion") if "lesion" in self.channel_names else None
+
+    def _grounding_targets(
+        self, items: list[dict], *, text_kept: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return token masks (N, T), regions (N, F, h*w) and sample indices (N,) of the batch's drawn findings.
+
+        Findings of samples whose text was dropped (``text_kept`` False) are left out.
+        """
+        factor = self.config.downsample_factor
+        token_masks, regions, sample_index = [], [], []
+        for index, item in enumerate(items):
+            if not text_kept[index]:
+                continue
+            tokens = self._tokens(item["report"])
+            for finding in item.get("findings", []):
+                mask = span_token_mask(finding["spans"], tokens)
+                if not mask.any():
+                    continue  # the mention lies past the text's max_tokens
+                token_masks.append(mask)
+                regions.append(region_on_attention_grid(finding["region"], factor))
+                sample_index.append(index)
+        if not token_masks:
+            n_tokens, n_slices = self.config.text_tokens, self.native_shape[0]
+            n_pixels = (self.native_shape[1] // factor) * (self.native_shape[2] // factor)
+            empty = torch.zeros((0, n_tokens), dtype=torch.bool), torch.zeros((0, n_slices, n_pixels), dtype=torch.bool)
+            return (*empty, torch.zeros(0, dtype=torch.long))
+        return torch.stack(token_masks), torch.stack(regions), torch.tensor(sample_index, dtype=torch.long)
+
+    def _tokens(self, report: str) -> tuple[TokenRecord, ...]:
+        """Return the report's token records, tokenised once per report."""
+        tokens = self._token_records.get(report)
+        if tokens is None:
+            tokens = self._token_records[report] = self.text_encoder.tokenize(report)[0]
+        return tokens
 
     def _attention_mask(self, report: str) -> torch.Tensor:
         """Return the report's bool (T,) padding mask, tokenised once per report."""
@@ -333,9 +372,11 @@ class Trainer:
         context = torch.where(drop.view(-1, 1, 1), null, context)
         context_mask = context_mask | drop.view(-1, 1)  # the null embedding attends everywhere
 
-        # 3. Predict x0 from x_t and take a clipped AdamW step.
+        # 3. Predict x0 from x_t, keeping the attention when the grounding loss needs it.
         x_t = q_sample(x0, t, noise).to(torch.float32)
-        prediction = model(x_t, (t * TIME_SCALE).to(torch.float32), context, context_mask)
+        grounding = train.grounding_weight > 0
+        with record_attention(model) if grounding else contextlib.nullcontext([]) as attention:
+            prediction = model(x_t, (t * TIME_SCALE).to(torch.float32), context, context_mask)
         loss = weighted_x0_loss(
             prediction,
             x0,
@@ -344,6 +385,13 @@ class Trainer:
             lesion_weight=train.lesion_weight,
             include_predicted=train.lesion_weight_on == "target_or_prediction",
         )
+        if grounding:
+            targets = self._grounding_targets(items, text_kept=~drop)
+            term = grounding_loss(attention, *targets)
+            self.last_grounding_loss = term.detach()
+            loss = loss + train.grounding_weight * term
+
+        # 4. Take a clipped AdamW step.
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if train.grad_clip > 0:
@@ -351,7 +399,7 @@ class Trainer:
         state.optimizer.step()
         state.step += 1
 
-        # 4. EMA: copy the weights until ema_start, then average.
+        # 5. EMA: copy the weights until ema_start, then average.
         _update_ema(state.ema, model, decay=train.ema_decay if state.step > train.ema_start else 0.0)
         return float(loss.detach())
 
@@ -364,7 +412,7 @@ class Trainer:
     ) -> TrainState:
         """Train until ``train.steps``, logging and checkpointing on schedule."""
         train = self.train
-        running = []
+        running, running_grounding = [], []
         while state.step < train.steps:
             if should_stop is not None and should_stop():
                 log.info("training stopped", step=state.step)
@@ -373,11 +421,16 @@ class Trainer:
             if not math.isfinite(loss):
                 raise TrainingError(f"loss became {loss} at step {state.step}: lower train.learning_rate")
             running.append(loss)
+            running_grounding.append(float(self.last_grounding_loss))
             if progress is not None:
                 progress(1)
             if state.step % train.log_every == 0:
-                log.info("train metrics", step=state.step, loss=sum(running) / len(running))
+                metrics = {"loss": sum(running) / len(running)}
+                if train.grounding_weight > 0:
+                    metrics["grounding_loss"] = sum(running_grounding) / len(running_grounding)
+                log.info("train metrics", step=state.step, **metrics)
                 running.clear()
+                running_grounding.clear()
             if state.step % train.checkpoint_every == 0:
                 path = self.save_checkpoint(state)
                 log.info("checkpoint written", step=state.step, path=str(path))
@@ -421,6 +474,15 @@ def _check_train_settings(train: TrainSettings, settings: Settings) -> None:
             train.slice_position_std == 0 or settings.model.slice_position_embedding,
             f"train.slice_position_std is {train.slice_position_std} but model.slice_position_embedding is off: "
             "turn it on or set the std to 0",
+        ),
+        (
+            train.grounding_weight >= 0,
+            f"train.grounding_weight is {train.grounding_weight}: use 0 (off) or a positive number",
+        ),
+        (
+            train.grounding_weight == 0 or train.data == "phantom",
+            f"train.grounding_weight is {train.grounding_weight} but train.data is '{train.data}': "
+            "finding regions exist only for phantoms, so set the weight to 0",
         ),
         (0 <= train.p_normal <= 1, f"train.p_normal is {train.p_normal}: use a probability in [0, 1]"),
         (0 <= train.p_negation <= 1, f"train.p_negation is {train.p_negation}: use a probability in [0, 1]"),
