@@ -56,6 +56,7 @@ from medsyn_xai.text.tokens import TokenRecord
 __all__ = [
     "AGGREGATION",
     "ExplainResult",
+    "MAX_GRID_VOXELS",
     "StudyExplainer",
     "build_ner_backend",
     "check_grid",
@@ -69,6 +70,9 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 AGGREGATION = "mean of the entity's token maps, then trilinear resize (align_corners=False)"
+
+# Largest output grid the explain job accepts: one float32 heatmap of 512^3 is 512 MiB.
+MAX_GRID_VOXELS = 512**3
 """Description of the heatmap computation, stored as the ``aggregation`` attribute of the ``entities`` group."""
 
 
@@ -76,7 +80,8 @@ def check_grid(grid: Sequence[int]) -> tuple[int, int, int]:
     """Check that ``grid`` is three positive voxel counts and return it as ints (Z, Y, X).
 
     Raises:
-        ValueError: not three values, or a value that is not a positive integer.
+        ValueError: not three values, a value that is not a positive integer, or
+            a grid of more than ``MAX_GRID_VOXELS`` voxels.
     """
     values = list(grid) if isinstance(grid, (tuple, list)) else []
     valid = len(values) == 3 and all(
@@ -85,6 +90,12 @@ def check_grid(grid: Sequence[int]) -> tuple[int, int, int]:
     if not valid:
         raise ValueError(f"invalid grid {grid!r}: pass three positive voxel counts (Z, Y, X), for example 64 64 64")
     size_z, size_y, size_x = (int(value) for value in values)
+    if size_z * size_y * size_x > MAX_GRID_VOXELS:
+        message = (
+            f"invalid grid {grid!r}: {size_z * size_y * size_x} voxels is more than {MAX_GRID_VOXELS} (512^3), "
+            "so pass a smaller grid"
+        )
+        raise ValueError(message)
     return size_z, size_y, size_x
 
 

@@ -346,7 +346,7 @@ def test_grid_override(tmp_path, text_encoder, backend):
     np.testing.assert_allclose(result.heatmaps[0], expected, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("grid", [(0, 4, 4), (4, -1, 4), (4, 4), (4.0, 4, 4), (True, 4, 4)])
+@pytest.mark.parametrize("grid", [(0, 4, 4), (4, -1, 4), (4, 4), (4.0, 4, 4), (True, 4, 4), (4096, 4096, 4096)])
 def test_invalid_grid_rejected(grid):
     with pytest.raises(ValueError, match="invalid grid"):
         check_grid(grid)
