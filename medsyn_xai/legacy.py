@@ -285,10 +285,15 @@ def _load_map(path: Path) -> np.ndarray:
     """Read one legacy map as float32 (d, h, w) and reject other layouts and invalid values."""
     try:
         token_map = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
+    except ValueError as error:
+        # numpy's message for a file it takes as a pickle suggests allow_pickle, which would run code from the file.
+        detail = "no .npy header, or Python objects inside" if "allow_pickle" in str(error) else str(error)
+        message = f"legacy file '{path.name}' is not a readable .npy array ({detail}): export it again as float32"
+        raise LegacyImportError(message) from None
+    except OSError as error:
         raise LegacyImportError(f"legacy file '{path.name}' is not a readable .npy array ({error})") from None
-    if token_map.ndim != 3:
-        message = f"legacy file '{path.name}' has shape {token_map.shape}: expected one (d, h, w) map per token"
+    if token_map.ndim != 3 or 0 in token_map.shape:
+        message = f"legacy file '{path.name}' has shape {token_map.shape}: expected one non-empty (d, h, w) map per token"
         raise LegacyImportError(message)
     if not np.issubdtype(token_map.dtype, np.floating):
         raise LegacyImportError(f"legacy file '{path.name}' has dtype {token_map.dtype}: expected a float array")

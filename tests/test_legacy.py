@@ -204,6 +204,7 @@ def test_mixed_folder_rejected(tmp_path, text_encoder, second, fragment):
         (np.full(LEGACY_SHAPE, -1.0, dtype=np.float32), "negative values"),
         (np.ones(LEGACY_SHAPE, dtype=np.int32), "dtype int32"),
         (np.ones((8, 8), dtype=np.float32), "shape (8, 8)"),
+        (np.ones((0, 8, 8), dtype=np.float32), "shape (0, 8, 8)"),
     ],
 )
 def test_invalid_map_rejected(tmp_path, text_encoder, array, fragment):
@@ -224,6 +225,7 @@ def test_unreadable_file_rejected(tmp_path, text_encoder):
     with pytest.raises(LegacyImportError) as caught:
         import_legacy(folder, PROMPT, tmp_path / "root", text_encoder=text_encoder)
     assert_one_line_naming(caught, legacy_name(1, "spiculated"), "not a readable .npy array")
+    assert "allow_pickle" not in str(caught.value)
 
 
 def test_invalid_study_name_needs_study_id(tmp_path, text_encoder):
