@@ -104,6 +104,10 @@ def read_rows(array: zarr.Array, rows: Sequence[int]) -> np.ndarray:
 def write_rows(array: zarr.Array, data: np.ndarray) -> None:
     """Write all of ``data`` into ``array``, row by row along the first axis.
 
+    A row equal to the fill value everywhere gets no chunk file (an old one is
+    removed), as Zarr does by default, and reads back as the fill value. Entities past the text's token
+    limit have all-zero heatmaps, so a long prompt does not fill the disk.
+
     Args:
         array: a new Zarr v3 array of the same shape as ``data``.
         data: the values, cast to ``array``'s dtype.
@@ -117,8 +121,12 @@ def write_rows(array: zarr.Array, data: np.ndarray) -> None:
         return
 
     values = np.ascontiguousarray(data, dtype=array.dtype.newbyteorder("<"))
+    fill = array.fill_value
     for row in range(values.shape[0]):
         path = folder / _chunk_key(array, row)
+        if (values[row] == fill).all():
+            path.unlink(missing_ok=True)
+            continue
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(memoryview(values[row]))
 

@@ -105,6 +105,19 @@ def test_written_rows_read_back_through_zarr(tmp_path: Path) -> None:
         write_rows(plain, _values()[:2])
 
 
+def test_fill_value_rows_get_no_chunk_file(tmp_path: Path) -> None:
+    array = _unsharded(tmp_path)  # every row written once with random values
+    values = _values(5)
+    values[[2, 9]] = 0.0
+
+    write_rows(array, values)
+
+    folder = Path(array.store.root) / array.path
+    assert not (folder / array.metadata.encode_chunk_key((2, 0, 0, 0))).exists()
+    assert (folder / array.metadata.encode_chunk_key((3, 0, 0, 0))).exists()
+    np.testing.assert_array_equal(zarr.open_array(folder, mode="r")[:], values)
+
+
 def _shard_file(array: zarr.Array) -> Path:
     return Path(array.store.root) / array.path / array.metadata.encode_chunk_key((0, 0, 0, 0))
 
