@@ -124,6 +124,7 @@ _CUES: tuple[tuple[str, Assertion | None, Direction], ...] = (
     ("may be seen with", "uncertain", "forward"),
     ("evaluation for", "uncertain", "forward"),
     ("to evaluate for", "uncertain", "forward"),
+    ("evaluate for", "uncertain", "forward"),
     ("compatible with", "uncertain", "forward"),
     ("questionable", "uncertain", "forward"),
     ("question of", "uncertain", "forward"),
@@ -140,6 +141,9 @@ _CUES: tuple[tuple[str, Assertion | None, Direction], ...] = (
     ("could be", "uncertain", "forward"),
     ("differential includes", "uncertain", "forward"),
     ("differential diagnosis includes", "uncertain", "forward"),
+    # Uncertainty, backward when an entity precedes it in its clause ("Malignancy is
+    # unlikely"), else forward ("Unlikely to represent malignancy").
+    ("unlikely", "uncertain", "either"),
     # Uncertainty, backward.
     ("cannot be excluded", "uncertain", "backward"),
     ("can not be excluded", "uncertain", "backward"),

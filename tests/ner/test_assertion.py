@@ -98,6 +98,10 @@ CASES = [
         ["large", "pneumothorax", "small", "pneumothorax"],
         ["absent", "absent", "uncertain", "uncertain"],
     ),
+    # "unlikely" looks back when an entity precedes it, else forward.
+    ("Malignancy is unlikely.", ["Malignancy"], ["uncertain"]),
+    ("Unlikely to represent malignancy. Small nodule.", ["malignancy", "nodule"], ["uncertain", "present"]),
+    ("Evaluate for pneumonia.", ["pneumonia"], ["uncertain"]),
     # Case and surrounding words.
     ("NO PNEUMOTHORAX.", ["PNEUMOTHORAX"], ["absent"]),
     ("Nodule noted; nonspecific.", ["Nodule"], ["present"]),
