@@ -355,6 +355,8 @@ def _build_backend(args: argparse.Namespace):
 
 
 def _ner(args: argparse.Namespace) -> int:
+    if not args.text.strip():
+        raise UsageError('prompt is empty: pass the report text, for example medsyn-xai ner "No pleural effusion."')
     backend = _build_backend(args)
     entities = backend.extract(args.text)
     columns = ["text", "label", "start", "end", "assertion"]

@@ -71,6 +71,14 @@ def test_ner_bad_backend_exits_2(args, fragment):
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("text", ["", "   "])
+def test_ner_empty_prompt_exits_2(text):
+    result = run_cli("ner", text)
+    assert result.returncode == 2
+    assert "prompt is empty" in error_line(result)
+    assert result.stdout == ""
+
+
 def test_ner_eval_default_gold():
     result = run_cli("ner-eval", check=True)
     lines = result.stdout.splitlines()
