@@ -804,7 +804,9 @@ class StudyStore:
         """Describe the study as a JSON-ready dict, reading saliency one token map at a time.
 
         Keys: study_id, prompt, path, spacing_mm, arrays (node -> {shape, dtype}),
-        n_tokens, n_special, provenance (model_name, checkpoint_sha256, seed, sampler,
+        n_tokens, n_special, truncated (the prompt needed more than n_tokens
+        positions, None when the store does not say), prompt_tokens (positions
+        the whole prompt needs), provenance (model_name, checkpoint_sha256, seed, sampler,
         text_encoder, software_version, created_at), saliency_sum (min and max over
         voxels of the sum over all T token maps, 1.0 for a complete capture),
         markers, and n_entities when entities are present.
@@ -831,6 +833,8 @@ class StudyStore:
             "arrays": arrays,
             "n_tokens": len(self.tokens),
             "n_special": sum(1 for token in self.tokens if token.get("special")),
+            "truncated": self.attrs.get("truncated"),
+            "prompt_tokens": self.attrs.get("prompt_tokens"),
             "provenance": {
                 "model_name": model.get("name") if isinstance(model, dict) else None,
                 "checkpoint_sha256": model.get("checkpoint_sha256") if isinstance(model, dict) else None,

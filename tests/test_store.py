@@ -613,6 +613,8 @@ def test_summary_reports_provenance(written: tuple[Path, SampledStudy]) -> None:
     assert summary["arrays"]["saliency/tokens"] == {"shape": [len(WORDS), *NATIVE_GRID], "dtype": "float32"}
     assert summary["n_tokens"] == 6
     assert summary["n_special"] == 2
+    assert summary["truncated"] is False
+    assert summary["prompt_tokens"] is None  # this store does not record it
     assert summary["provenance"]["model_name"] == "tiny-unet3d"
     assert summary["provenance"]["checkpoint_sha256"] == "ab" * 32
     assert summary["provenance"]["seed"] == 7
