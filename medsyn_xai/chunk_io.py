@@ -29,14 +29,14 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation
 from zarr.storage import LocalStore
 
-__all__ = ["ShardIndexError", "read_rows", "write_rows"]
+__all__ = ["ChunkFileError", "read_rows", "write_rows"]
 
 # Offset and length of an inner chunk that was never written (Zarr v3 sharding spec).
 _MISSING = 2**64 - 1
 
 
-class ShardIndexError(ValueError):
-    """A shard's index fails its checksum or points outside the shard file."""
+class ChunkFileError(ValueError):
+    """A chunk file has the wrong size, or a shard's index fails its checksum or points outside the file."""
 
 
 def read_rows(array: zarr.Array, rows: Sequence[int]) -> np.ndarray:
@@ -52,7 +52,8 @@ def read_rows(array: zarr.Array, rows: Sequence[int]) -> np.ndarray:
 
     Raises:
         IndexError: a row outside [0, N).
-        ShardIndexError: a shard index fails its CRC32C or points past its file.
+        ChunkFileError: a chunk file has the wrong size, or a shard index fails
+            its CRC32C or points past its file.
     """
     rows = [int(row) for row in rows]
     for row in rows:
@@ -72,6 +73,9 @@ def read_rows(array: zarr.Array, rows: Sequence[int]) -> np.ndarray:
                 payload = (folder / _chunk_key(array, row)).read_bytes()
             except FileNotFoundError:
                 continue
+            if len(payload) != row_bytes:
+                path = folder / _chunk_key(array, row)
+                raise ChunkFileError(f"chunk file '{path}' has {len(payload)} bytes, expected {row_bytes}")
             out[position] = np.frombuffer(payload, dtype=dtype).reshape(array.shape[1:])
         return out
 
@@ -93,7 +97,7 @@ def read_rows(array: zarr.Array, rows: Sequence[int]) -> np.ndarray:
                     continue
                 if length != row_bytes:
                     message = f"shard '{path}' lists {length} bytes for row {rows[position]}, expected {row_bytes}"
-                    raise ShardIndexError(message)
+                    raise ChunkFileError(message)
                 payload = os.pread(descriptor, length, offset)
                 out[position] = np.frombuffer(payload, dtype=dtype).reshape(array.shape[1:])
         finally:
@@ -105,8 +109,9 @@ def write_rows(array: zarr.Array, data: np.ndarray) -> None:
     """Write all of ``data`` into ``array``, row by row along the first axis.
 
     A row equal to the fill value everywhere gets no chunk file (an old one is
-    removed), as Zarr does by default, and reads back as the fill value. Entities past the text's token
-    limit have all-zero heatmaps, so a long prompt does not fill the disk.
+    removed), as Zarr does by default, and reads back as the fill value.
+    Entities past the text's token limit have all-zero heatmaps, so a long
+    prompt does not fill the disk.
 
     Args:
         array: a new Zarr v3 array of the same shape as ``data``.
@@ -175,13 +180,13 @@ def _read_shard_index(descriptor: int, path: Path, n_chunks: int) -> np.ndarray:
     index_bytes = 16 * n_chunks
     size = os.fstat(descriptor).st_size
     if size < index_bytes + 4:
-        raise ShardIndexError(f"shard '{path}' has {size} bytes, too few for an index of {n_chunks} chunks")
+        raise ChunkFileError(f"shard '{path}' has {size} bytes, too few for an index of {n_chunks} chunks")
     raw = os.pread(descriptor, index_bytes + 4, size - index_bytes - 4)
     stored = int.from_bytes(raw[-4:], "little")
     if google_crc32c.value(raw[:-4]) != stored:
-        raise ShardIndexError(f"shard '{path}' has an index that fails its CRC32C checksum")
+        raise ChunkFileError(f"shard '{path}' has an index that fails its CRC32C checksum")
     index = np.frombuffer(raw[:-4], dtype="<u8").reshape(n_chunks, 2)
     written = index[:, 0] != _MISSING
     if np.any(index[written, 0] + index[written, 1] > size - index_bytes - 4):
-        raise ShardIndexError(f"shard '{path}' has an index entry past the end of its data")
+        raise ChunkFileError(f"shard '{path}' has an index entry past the end of its data")
     return index

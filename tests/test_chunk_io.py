@@ -9,7 +9,7 @@ import pytest
 import zarr
 from zarr.codecs import BytesCodec
 
-from medsyn_xai.chunk_io import ShardIndexError, _row_layout, read_rows, write_rows
+from medsyn_xai.chunk_io import ChunkFileError, _row_layout, read_rows, write_rows
 
 SHAPE = (12, 4, 3, 5)
 
@@ -129,8 +129,17 @@ def test_damaged_shard_index_rejected(tmp_path: Path) -> None:
     data[-10] ^= 0xFF  # inside the index, before its 4-byte checksum
     shard.write_bytes(bytes(data))
 
-    with pytest.raises(ShardIndexError, match="fails its CRC32C"):
+    with pytest.raises(ChunkFileError, match="fails its CRC32C"):
         read_rows(array, [0])
+
+
+def test_short_chunk_file_rejected(tmp_path: Path) -> None:
+    array = _unsharded(tmp_path)
+    chunk = Path(array.store.root) / array.path / array.metadata.encode_chunk_key((4, 0, 0, 0))
+    chunk.write_bytes(chunk.read_bytes()[:-4])
+
+    with pytest.raises(ChunkFileError, match="has 236 bytes, expected 240"):
+        read_rows(array, [4])
 
 
 def test_truncated_shard_rejected(tmp_path: Path) -> None:
@@ -138,5 +147,5 @@ def test_truncated_shard_rejected(tmp_path: Path) -> None:
     shard = _shard_file(array)
     shard.write_bytes(shard.read_bytes()[:100])
 
-    with pytest.raises(ShardIndexError, match="too few"):
+    with pytest.raises(ChunkFileError, match="too few"):
         read_rows(array, [0])

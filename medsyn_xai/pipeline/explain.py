@@ -40,7 +40,7 @@ import structlog
 import torch
 
 from medsyn_xai.align import align_entities
-from medsyn_xai.chunk_io import ShardIndexError, read_rows
+from medsyn_xai.chunk_io import ChunkFileError, read_rows
 from medsyn_xai.config import NerSettings
 from medsyn_xai.ner.backends import NERBackend, get_backend
 from medsyn_xai.ner.entity import Entity
@@ -375,7 +375,7 @@ def _read_token_maps(store: StudyStore, indices: Sequence[int]) -> np.ndarray:
         return np.zeros((0, *array.shape[1:]), dtype=np.float32)
     try:
         token_maps = read_rows(array, indices)
-    except ShardIndexError as error:
+    except ChunkFileError as error:
         raise _corrupt(store, str(error)) from None
     flat = token_maps.reshape(token_maps.shape[0], -1)  # (K, d*h*w)
     not_finite = np.flatnonzero(~np.isfinite(flat).all(axis=1))
