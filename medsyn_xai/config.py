@@ -160,7 +160,10 @@ class TrainSettings:
     the default model's second stage.
     ``grounding_weight`` > 0 adds the token grounding loss of
     :mod:`medsyn_xai.grounding`, which pulls the cross-attention of each drawn
-    finding's words into its region. Only phantom data has the regions.
+    finding's words into its region. Only phantom data has the regions. A larger
+    weight focuses the attention more but teaches the finding words to draw a
+    lesion wherever they attend, negated or not: from the default model's third
+    stage, 0.05 drew lesions for 5 of 12 negated reports where 0.01 drew 2.
     """
 
     data: Literal["phantom", "nifti"] = "phantom"

@@ -72,6 +72,7 @@ log = structlog.get_logger(__name__)
 AGGREGATION = "mean of the entity's token maps, then trilinear resize (align_corners=False)"
 
 # Largest output grid the explain job accepts: one float32 heatmap of 512^3 is 512 MiB.
+# NOTE: the limit is per heatmap, so many entities on a grid near it can still run out of memory.
 MAX_GRID_VOXELS = 512**3
 """Description of the heatmap computation, stored as the ``aggregation`` attribute of the ``entities`` group."""
 
