@@ -82,7 +82,7 @@ def main() -> None:
     if args.finding:
         located = [case for case in located if case.spec.findings[0].kind == args.finding]
     for case in located:
-        encoded = generator.text_encoder.encode(case.report.text)
+        encoded = generator.encode_prompt(case.report.text)
 
         captures = aggregations(model)
         with contextlib.ExitStack() as stack:

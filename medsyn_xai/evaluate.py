@@ -197,7 +197,7 @@ def evaluate_model(
     for index in range(n):
         case = held_out_case(index, seed=seed)
         case_seed, kind, spec = case.seed, case.kind, case.spec
-        encoded = generator.text_encoder.encode(case.report.text)
+        encoded = generator.encode_prompt(case.report.text)
 
         # 1. One sampling run feeds both aggregations.
         full = SaliencyCapture(model)
@@ -247,7 +247,13 @@ def evaluate_model(
         if progress is not None:
             progress(1)
 
-    return _summarise(cases, steps=steps, guidance_scale=guidance_scale, clean_fraction=clean_fraction)
+    return _summarise(
+        cases,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        clean_fraction=clean_fraction,
+        hide_negated=generator.negation_masker is not None,
+    )
 
 
 def _summarise(cases: list[CaseResult], **settings) -> dict:

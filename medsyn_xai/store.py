@@ -800,13 +800,23 @@ class StudyStore:
                     self.path, f"array 'entities/heatmaps' contains NaN or infinite values in heatmap {index}"
                 )
 
+    def _hidden_token_texts(self) -> list[str] | None:
+        """Return the texts of the positions in the ``hidden_tokens`` attribute, or None without it."""
+        hidden = self.attrs.get("hidden_tokens")
+        if not isinstance(hidden, list):
+            return None
+        tokens = self.tokens
+        return [str(tokens[index].get("text")) for index in hidden if isinstance(index, int) and 0 <= index < len(tokens)]
+
     def summary(self) -> dict[str, Any]:
         """Describe the study as a JSON-ready dict, reading saliency one token map at a time.
 
         Keys: study_id, prompt, path, spacing_mm, arrays (node -> {shape, dtype}),
         n_tokens, n_special, truncated (the prompt needed more than n_tokens
         positions, None when the store does not say), prompt_tokens (positions
-        the whole prompt needs), provenance (model_name, checkpoint_sha256, seed, sampler,
+        the whole prompt needs), hidden_tokens (the texts of the token positions
+        hidden from the model as negated, None when the store does not say),
+        provenance (model_name, checkpoint_sha256, seed, sampler,
         text_encoder, software_version, created_at), saliency_sum (min and max over
         voxels of the sum over all T token maps, 1.0 for a complete capture),
         markers, and n_entities when entities are present.
@@ -835,6 +845,7 @@ class StudyStore:
             "n_special": sum(1 for token in self.tokens if token.get("special")),
             "truncated": self.attrs.get("truncated"),
             "prompt_tokens": self.attrs.get("prompt_tokens"),
+            "hidden_tokens": self._hidden_token_texts(),
             "provenance": {
                 "model_name": model.get("name") if isinstance(model, dict) else None,
                 "checkpoint_sha256": model.get("checkpoint_sha256") if isinstance(model, dict) else None,

@@ -36,6 +36,7 @@ from medsyn_xai.model.checkpoint import CheckpointError, load_safetensors, save_
 from medsyn_xai.model.diffusion import TIME_SCALE, q_sample
 from medsyn_xai.model.registry import unet_config_from_settings
 from medsyn_xai.model.unet import Unet3D, UnetConfig
+from medsyn_xai.negation import NegationMasker
 from medsyn_xai.phantom import FINDING_KINDS
 from medsyn_xai.text.encoder import TextEncoder
 from medsyn_xai.text.tokens import TokenRecord
@@ -150,14 +151,20 @@ class Trainer:
                 f"text.max_tokens={self.text_encoder.max_tokens} differs from model.text_tokens={self.config.text_tokens}: "
                 "set both to the same length"
             )
-        description = self.text_encoder.description
-        cache_key = json.dumps({k: description[k] for k in ("config_sha256", "max_tokens", "layer")}, sort_keys=True)
-        self.text_cache = TextEmbeddingCache(
-            lambda text: self.text_encoder.encode(text).embeddings,
-            key=cache_key,
-            encode_batch=self.text_encoder.encode_batch,
-        )
+        hide = settings.text.hide_negated and not self.config.attend_to_padding
+        self.negation_masker = NegationMasker() if hide else None
         self._masks: dict[str, torch.Tensor] = {}
+        self._hidden: dict[str, tuple[int, ...]] = {}
+        description = self.text_encoder.description
+        cache_key = {key: description[key] for key in ("config_sha256", "max_tokens", "layer")}
+        cache_key["hide_negated"] = self.negation_masker.backend.version if self.negation_masker else None
+        self.text_cache = TextEmbeddingCache(
+            lambda text: self.text_encoder.encode(text, hidden=self._hidden_tokens(text)).embeddings,
+            key=json.dumps(cache_key, sort_keys=True),
+            encode_batch=lambda texts: self.text_encoder.encode_batch(
+                texts, hidden=[self._hidden_tokens(text) for text in texts]
+            ),
+        )
         self._token_records: dict[str, tuple[TokenRecord, ...]] = {}
         self.last_grounding_loss = torch.zeros(())
         self.dataset = self._build_dataset(progress)
@@ -201,11 +208,26 @@ class Trainer:
         return tokens
 
     def _attention_mask(self, report: str) -> torch.Tensor:
-        """Return the report's bool (T,) padding mask, tokenised once per report."""
+        """Return the report's bool (T,) cross-attention mask, built once per report.
+
+        False at padding and, with :attr:`negation_masker` set, at the tokens of
+        negated entities, as at sampling.
+        """
         mask = self._masks.get(report)
         if mask is None:
-            mask = self._masks[report] = self.text_encoder.attention_mask(report)
+            mask = self.text_encoder.attention_mask(report)
+            mask[list(self._hidden_tokens(report))] = False
+            self._masks[report] = mask
         return mask
+
+    def _hidden_tokens(self, report: str) -> tuple[int, ...]:
+        """Return the token positions of the report's negated entities, or () when none are hidden."""
+        if self.negation_masker is None:
+            return ()
+        hidden = self._hidden.get(report)
+        if hidden is None:
+            hidden = self._hidden[report] = self.negation_masker.hidden_tokens(report, self._tokens(report))
+        return hidden
 
     def _build_dataset(self, progress):
         if self.train.data == "nifti":
@@ -333,6 +355,7 @@ class Trainer:
             "channel_names": json.dumps(list(self.channel_names)),
             "text_max_tokens": str(self.text_encoder.max_tokens),
             "text_encoder": json.dumps(self.text_encoder.description),
+            "text_hide_negated": json.dumps(self.negation_masker is not None),
             "train_step": str(state.step),
             "train_settings": json.dumps(_jsonable(self.train)),
         }

@@ -615,6 +615,7 @@ def test_summary_reports_provenance(written: tuple[Path, SampledStudy]) -> None:
     assert summary["n_special"] == 2
     assert summary["truncated"] is False
     assert summary["prompt_tokens"] is None  # this store does not record it
+    assert summary["hidden_tokens"] is None
     assert summary["provenance"]["model_name"] == "tiny-unet3d"
     assert summary["provenance"]["checkpoint_sha256"] == "ab" * 32
     assert summary["provenance"]["seed"] == 7

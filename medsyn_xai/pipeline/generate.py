@@ -19,6 +19,7 @@ from medsyn_xai.model.checkpoint import LoadedModel
 from medsyn_xai.model.diffusion import COSINE_OFFSET, TIME_SCALE, sample
 from medsyn_xai.model.registry import load_model
 from medsyn_xai.model.volume import decode_volume
+from medsyn_xai.negation import NegationMasker
 from medsyn_xai.saliency.capture import SaliencyCapture
 from medsyn_xai.store import (
     SampledStudy,
@@ -29,7 +30,7 @@ from medsyn_xai.store import (
     validate_study_id,
     write_study,
 )
-from medsyn_xai.text.encoder import TextEncoder
+from medsyn_xai.text.encoder import EncodedPrompt, TextEncoder
 
 if TYPE_CHECKING:
     from medsyn_xai.ner.backends import NERBackend
@@ -129,6 +130,12 @@ class StudyGenerator:
     ``ner_backend``, every study also stores that backend's entities of the prompt
     in the group attribute ``ner`` ({backend, version, entities}), so the explain
     job can reuse them instead of running NER again.
+
+    With ``text.hide_negated`` set and a model that takes a cross-attention mask
+    (``attend_to_padding`` False), the tokens of negated entities are hidden from
+    the text encoder and the denoiser (see :mod:`medsyn_xai.negation`). Models
+    that attend to every position, such as MedSyn's official network, get the
+    prompt as it is.
     """
 
     def __init__(
@@ -168,6 +175,14 @@ class StudyGenerator:
                 f"model.channel_names lists {len(channel_names)} channels but the model has {config.channels}: "
                 "name every output channel, CT first"
             )
+        hide = settings.text.hide_negated and not config.attend_to_padding
+        self.negation_masker = NegationMasker() if hide else None
+
+    def encode_prompt(self, prompt: str) -> EncodedPrompt:
+        """Encode ``prompt``; with :attr:`negation_masker` set, the tokens of its negated entities are hidden."""
+        if self.negation_masker is None:
+            return self.text_encoder.encode(prompt)
+        return self.negation_masker.encode(self.text_encoder, prompt)
 
     @property
     def model_description(self) -> dict[str, object]:
@@ -227,7 +242,7 @@ class StudyGenerator:
         check_request(GenerationRequest(prompt=request.prompt, steps=steps, guidance_scale=guidance_scale, seed=seed))
         bound = log.bind(study_id=study_id)
 
-        encoded = self.text_encoder.encode(request.prompt)
+        encoded = self.encode_prompt(request.prompt)
         ner_attrs = self._ner_attrs(request.prompt)  # before sampling, so an NER failure costs no sampling time
         saliency = self.settings.saliency
         bound.info("sampling started", steps=steps, seed=seed, guidance_scale=guidance_scale, device=str(self.device))
@@ -274,6 +289,7 @@ class StudyGenerator:
             "text_encoder": self.text_encoder.description,
             "truncated": encoded.truncated,
             "prompt_tokens": encoded.n_prompt_tokens,
+            "hidden_tokens": _hidden_tokens(encoded),
             "software_version": __version__,
             **ner_attrs,
             **(extra_attrs or {}),
@@ -298,3 +314,9 @@ class StudyGenerator:
             return {}
         entities = [entity.to_dict() for entity in self.ner_backend.extract(prompt)]
         return {"ner": {"backend": self.ner_backend.name, "version": self.ner_backend.version, "entities": entities}}
+
+
+def _hidden_tokens(encoded: EncodedPrompt) -> list[int]:
+    """Return the prompt positions (not padding) that the attention mask hides, ascending."""
+    n_positions = min(encoded.n_prompt_tokens, encoded.attention_mask.shape[-1])
+    return [index for index in range(n_positions) if not bool(encoded.attention_mask[0, index])]

