@@ -112,6 +112,11 @@ def test_negated_entity_heatmap_is_zero(tmp_path, tiny_settings, text_encoder):
         assert (total == 0.0) == (entity.assertion == "absent"), entity.text
 
 
+def test_generator_reuses_rules_backend(tiny_settings, text_encoder, masker):
+    generator = StudyGenerator(masked_settings(tiny_settings), text_encoder=text_encoder, ner_backend=masker.backend)
+    assert generator.negation_masker.backend is masker.backend
+
+
 def test_hiding_off_keeps_every_token(tmp_path, tiny_settings, text_encoder):
     generator = StudyGenerator(masked_settings(tiny_settings, hide=False), text_encoder=text_encoder)
     path = generator.generate(GenerationRequest(prompt=PROMPT, study_id="shown", seed=1), tmp_path)

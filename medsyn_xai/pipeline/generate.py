@@ -176,7 +176,8 @@ class StudyGenerator:
                 "name every output channel, CT first"
             )
         hide = settings.text.hide_negated and not config.attend_to_padding
-        self.negation_masker = NegationMasker() if hide else None
+        rules = ner_backend if ner_backend is not None and ner_backend.name == "rules" else None
+        self.negation_masker = NegationMasker(rules) if hide else None
 
     def encode_prompt(self, prompt: str) -> EncodedPrompt:
         """Encode ``prompt``; with :attr:`negation_masker` set, the tokens of its negated entities are hidden."""
