@@ -150,6 +150,13 @@ def test_batch_encoding_hides_like_single(masker, text_encoder):
     assert torch.allclose(batch[1], text_encoder.encode("Nodule in the RUL.").embeddings[0], atol=1e-5)
 
 
+def test_later_batches_hide_too(masker, text_encoder):
+    tokens = text_encoder.tokenize(PROMPT)[0]
+    hidden = masker.hidden_tokens(PROMPT, tokens)
+    batch = text_encoder.encode_batch(["Nodule in the RUL.", PROMPT], batch_size=1, hidden=[(), hidden])
+    assert torch.allclose(batch[1], masker.encode(text_encoder, PROMPT).embeddings[0], atol=1e-5)
+
+
 def test_hidden_position_out_of_range(text_encoder):
     with pytest.raises(ValueError, match="hidden token position 99 is outside"):
         text_encoder.encode(PROMPT, hidden=(99,))

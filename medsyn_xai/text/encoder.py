@@ -251,12 +251,11 @@ class TextEncoder:
                     masks[row : row + 1] = self._hide(masks[row : row + 1], positions)
                 inputs["attention_mask"] = masks
             inputs = {name: tensor.to(self.device) for name, tensor in inputs.items()}
-            hidden = self.model(**inputs, output_hidden_states=True).hidden_states[self.layer]
-            outputs.append(hidden.detach().to("cpu", torch.float32))
+            states = self.model(**inputs, output_hidden_states=True).hidden_states[self.layer]
+            outputs.append(states.detach().to("cpu", torch.float32))
         if not outputs:
             return torch.zeros(0, self.max_tokens, self.hidden_size)
         return torch.cat(outputs)
-
 
     def _hide(self, attention_mask: torch.Tensor, hidden: Sequence[int]) -> torch.Tensor:
         """Return a copy of the (1, T) attention mask with the positions in ``hidden`` set to 0."""
