@@ -14,6 +14,9 @@ rules, in order:
    "however", "although", "though", "whereas", "which", "except", "apart from",
    "aside from", "other than". Commas, "and" and "or" do not end a scope, so "No
    pleural effusion, pneumothorax or cardiomegaly" negates all three findings.
+   Two exceptions start a new finding that lists do not: a comma before a number
+   ("No effusion, 2 cm mass in the right upper lobe") and "and a", "and an" or
+   "and there" ("No effusion and a 2 cm mass").
    NOTE: for the same reason a negation reaches into a second clause joined by a
    comma, so "Without effusion, the lungs show emphysema" negates the emphysema.
 
@@ -159,6 +162,11 @@ _CUES: tuple[tuple[str, Assertion | None, Direction], ...] = (
     # Pseudo-cues: they contain a cue word but assert nothing.
     ("no change", None, "forward"),
     ("no interval change", None, "forward"),
+    ("no interval growth", None, "forward"),
+    ("no growth", None, "forward"),
+    ("no interval increase", None, "forward"),
+    ("no interval enlargement", None, "forward"),
+    ("no enlargement", None, "forward"),
     ("no significant change", None, "forward"),
     ("no significant interval change", None, "forward"),
     ("no increase", None, "forward"),
@@ -187,7 +195,7 @@ _ALTERNATIVE_BOUNDARY = re.compile(r",|(?<!\w)(?:and|with)(?!\w)", re.IGNORECASE
 """Commas and the words "and" and "with": scope limits of a two-sided cue such as "versus"."""
 
 _TERMINATOR_PATTERN = re.compile(
-    r"[;:!?\n]|\.(?!\d)|(?<!\w)(?:"
+    r"[;:!?\n]|\.(?!\d)|,(?=\s*\d)|(?<!\w)and\s+(?:a|an|there)(?!\w)|(?<!\w)(?:"
     + "|".join(word.replace(" ", r"\s+") for word in _TERMINATOR_WORDS)
     + r")(?!\w)",
     re.IGNORECASE,

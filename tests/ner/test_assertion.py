@@ -102,6 +102,18 @@ CASES = [
     ("Malignancy is unlikely.", ["Malignancy"], ["uncertain"]),
     ("Unlikely to represent malignancy. Small nodule.", ["malignancy", "nodule"], ["uncertain", "present"]),
     ("Evaluate for pneumonia.", ["pneumonia"], ["uncertain"]),
+    # A comma before a number and "and a" start a new finding.
+    (
+        "No pleural effusion or pneumothorax, 2 cm mass in the right upper lobe.",
+        ["pleural effusion", "pneumothorax", "mass", "right upper lobe"],
+        ["absent", "absent", "present", "present"],
+    ),
+    ("No effusion and a 2 cm mass.", ["effusion", "mass"], ["absent", "present"]),
+    ("No effusion and there is a nodule.", ["effusion", "nodule"], ["absent", "present"]),
+    ("No effusion and no nodule.", ["effusion", "nodule"], ["absent", "absent"]),
+    # Growth and enlargement pseudo-cues keep the finding present.
+    ("No interval growth of the nodule in the left lower lobe.", ["nodule", "left lower lobe"], ["present"] * 2),
+    ("No enlargement of the 9 mm nodule.", ["nodule"], ["present"]),
     # Case and surrounding words.
     ("NO PNEUMOTHORAX.", ["PNEUMOTHORAX"], ["absent"]),
     ("Nodule noted; nonspecific.", ["Nodule"], ["present"]),
