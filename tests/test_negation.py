@@ -98,7 +98,8 @@ def test_study_records_hidden_tokens(tmp_path, tiny_settings, text_encoder, mask
     saliency = store.saliency()
     assert np.all(saliency[hidden] == 0)
     assert np.allclose(saliency.sum(axis=0), 1.0, atol=1e-5)
-    assert store.summary()["hidden_tokens"] == ["consolidation", "left", "upper", "lobe"]
+    assert store.summary()["hidden_tokens"] == ["consolidation", "left upper lobe"]
+    assert store.attrs["hide_negated"] is True
 
 
 def test_negated_entity_heatmap_is_zero(tmp_path, tiny_settings, text_encoder):
@@ -121,6 +122,14 @@ def test_hiding_off_keeps_every_token(tmp_path, tiny_settings, text_encoder):
     generator = StudyGenerator(masked_settings(tiny_settings, hide=False), text_encoder=text_encoder)
     path = generator.generate(GenerationRequest(prompt=PROMPT, study_id="shown", seed=1), tmp_path)
     assert StudyStore.open(path).attrs["hidden_tokens"] == []
+    assert StudyStore.open(path).attrs["hide_negated"] is False
+
+
+def test_word_pieces_read_as_prompt_text(tmp_path, tiny_settings, text_encoder):
+    prompt = "No pleural effusion or pneumothorax. Mass in the RUL."
+    generator = StudyGenerator(masked_settings(tiny_settings), text_encoder=text_encoder)
+    path = generator.generate(GenerationRequest(prompt=prompt, study_id="pieces", seed=1), tmp_path)
+    assert StudyStore.open(path).summary()["hidden_tokens"] == ["pleural effusion", "pneumothorax"]
 
 
 def test_padding_attending_model_unmasked(tmp_path, tiny_settings, text_encoder):
@@ -129,6 +138,7 @@ def test_padding_attending_model_unmasked(tmp_path, tiny_settings, text_encoder)
     assert generator.negation_masker is None
     path = generator.generate(GenerationRequest(prompt=PROMPT, study_id="whole", seed=1), tmp_path)
     assert StudyStore.open(path).attrs["hidden_tokens"] == []
+    assert StudyStore.open(path).attrs["hide_negated"] is False
 
 
 def test_training_text_matches_sampling(tmp_path, tiny_settings, text_encoder, masker):

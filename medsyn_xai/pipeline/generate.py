@@ -175,6 +175,12 @@ class StudyGenerator:
                 f"model.channel_names lists {len(channel_names)} channels but the model has {config.channels}: "
                 "name every output channel, CT first"
             )
+        if settings.text.hide_negated and config.attend_to_padding:
+            log.warning(
+                "negated entities stay visible: the model attends to every text position "
+                "(model.attend_to_padding is true), so text.hide_negated is ignored",
+                model=settings.model.name,
+            )
         hide = settings.text.hide_negated and not config.attend_to_padding
         rules = ner_backend if ner_backend is not None and ner_backend.name == "rules" else None
         self.negation_masker = NegationMasker(rules) if hide else None
@@ -246,7 +252,15 @@ class StudyGenerator:
         encoded = self.encode_prompt(request.prompt)
         ner_attrs = self._ner_attrs(request.prompt)  # before sampling, so an NER failure costs no sampling time
         saliency = self.settings.saliency
-        bound.info("sampling started", steps=steps, seed=seed, guidance_scale=guidance_scale, device=str(self.device))
+        hidden_tokens = _hidden_tokens(encoded)
+        bound.info(
+            "sampling started",
+            steps=steps,
+            seed=seed,
+            guidance_scale=guidance_scale,
+            device=str(self.device),
+            hidden_tokens=len(hidden_tokens),
+        )
 
         capture = SaliencyCapture(self.model, layers=saliency.layers, steps=saliency.steps)
         with capture:
@@ -290,7 +304,8 @@ class StudyGenerator:
             "text_encoder": self.text_encoder.description,
             "truncated": encoded.truncated,
             "prompt_tokens": encoded.n_prompt_tokens,
-            "hidden_tokens": _hidden_tokens(encoded),
+            "hide_negated": self.negation_masker is not None,
+            "hidden_tokens": hidden_tokens,
             "software_version": __version__,
             **ner_attrs,
             **(extra_attrs or {}),
