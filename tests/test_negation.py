@@ -10,6 +10,7 @@ from medsyn_xai.config import TrainSettings
 from medsyn_xai.negation import NegationMasker
 from medsyn_xai.pipeline.explain import StudyExplainer
 from medsyn_xai.pipeline.generate import GenerationRequest, StudyGenerator
+from medsyn_xai.render.overlays import entity_status
 from medsyn_xai.store import StudyStore
 from medsyn_xai.train import Trainer
 
@@ -175,3 +176,10 @@ def test_hidden_position_out_of_range(text_encoder):
 def test_batch_hidden_count_mismatch(text_encoder):
     with pytest.raises(ValueError, match="hidden has 1 entries for 2 prompts"):
         text_encoder.encode_batch([PROMPT, PROMPT], hidden=[()])
+
+
+def test_status_line_names_hidden_entity():
+    hidden = {"assertion": "absent", "token_indices": [3, 4], "covered": True}
+    shown = {"assertion": "absent", "token_indices": [3, 5], "covered": True}
+    assert "hidden from the model" in entity_status(hidden, [3, 4, 7])[0]
+    assert "hidden from the model" not in entity_status(shown, [3, 4, 7])[0]

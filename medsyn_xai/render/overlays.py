@@ -304,12 +304,19 @@ def entity_title(store: StudyStore, entity: dict[str, Any]) -> str:
     return f"{entity.get('text', '')}  ({entity.get('label', '?')}, {assertion})  study {store.study_id}"
 
 
-def entity_status(entity: dict[str, Any]) -> tuple[str, str]:
-    """Return the (text, colour) status line of an entity from its assertion and token coverage."""
+def entity_status(entity: dict[str, Any], hidden_tokens: Sequence[int] = ()) -> tuple[str, str]:
+    """Return the (text, colour) status line of an entity from its assertion and token coverage.
+
+    ``hidden_tokens`` are the study's token positions hidden from the model as
+    negated (the store attribute of that name).
+    """
     text, colour = _STATUS.get(str(entity.get("assertion", "present")), _STATUS["present"])
-    uncovered = entity.get("covered") is False or ("token_indices" in entity and not entity["token_indices"])
+    token_indices = entity.get("token_indices") or []
+    uncovered = entity.get("covered") is False or ("token_indices" in entity and not token_indices)
     if uncovered:
         text = f"{text}; no token covers this entity, so its heatmap is zero"
+    elif token_indices and set(token_indices) <= set(hidden_tokens):
+        text = f"{text}; its tokens were hidden from the model, so its heatmap is zero"
     return text, colour
 
 
@@ -334,7 +341,8 @@ def entity_triplanar(
     heatmap = entity_heatmap(store, position, heatmaps=heatmaps)
     result = draw_triplanar(
         store.ct, heatmap, store.spacing_mm, window=window, title=entity_title(store, entity),
-        status=entity_status(entity), absent=entity.get("assertion") == "absent",
+        status=entity_status(entity, store.attrs.get("hidden_tokens") or ()),
+        absent=entity.get("assertion") == "absent",
     )
     log.debug("entity_rendered", study_id=store.study_id, entity=position, voxel=list(result.voxel), window=window)
     return result

@@ -99,7 +99,7 @@ def build_report(store: StudyStore, *, window: str = "lung", n_slices: int = REP
         assertion = str(entity.get("assertion", "present"))
         triplanar = draw_triplanar(
             ct, heatmap, store.spacing_mm, window=window, title=entity_title(store, entity),
-            status=entity_status(entity), absent=assertion == "absent",
+            status=entity_status(entity, store.attrs.get("hidden_tokens") or ()), absent=assertion == "absent",
         )
         positions, start = slice_positions(ct.shape[0], triplanar.voxel[0], n_slices)
         slices = [
