@@ -210,8 +210,15 @@ def _generate(args: argparse.Namespace) -> int:
 
     steps = request.steps or settings.sampler.steps
     with tqdm(total=steps, desc="sampling", unit="step", disable=args.no_progress, file=sys.stderr) as bar:
+
+        def advance(n_steps: int) -> None:
+            # Close the bar after the last step, so the log lines written with the study do not redraw it.
+            bar.update(n_steps)
+            if bar.n >= steps:
+                bar.close()
+
         try:
-            path = generator.generate(request, args.out, overwrite=args.overwrite, progress=bar.update)
+            path = generator.generate(request, args.out, overwrite=args.overwrite, progress=advance)
         except _input_errors() as error:
             raise UsageError(str(error)) from None
     print(path)

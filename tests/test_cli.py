@@ -29,6 +29,12 @@ def generated(tmp_path_factory) -> tuple[Path, Path, Path]:
     return root, config, Path(result.stdout.strip())
 
 
+def test_generate_progress_bar_not_redrawn(tmp_path, tiny_config_file):
+    result = run_cli("generate", PROMPT, "--out", tmp_path, "--config", tiny_config_file, check=True)
+    after_study_log = result.stderr.split("study written", 1)[1]
+    assert "sampling" not in after_study_log
+
+
 def test_generate_writes_store_and_prints_path(generated):
     root, _, path = generated
     assert path == root / "studies" / "case-1.zarr"
