@@ -34,7 +34,7 @@ __all__ = ["NegationMasker"]
 
 
 class NegationMasker:
-    """Finder of the tokens of a prompt's negated entities, which it hides from the encoder and the denoiser.
+    """Finder of the tokens of a prompt's negated entities, for hiding them from the encoder and the denoiser.
 
     Args:
         backend: entity extractor; None (default) builds the rules backend.

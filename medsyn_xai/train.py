@@ -157,7 +157,7 @@ class Trainer:
         self._hidden: dict[str, tuple[int, ...]] = {}
         description = self.text_encoder.description
         cache_key = {key: description[key] for key in ("config_sha256", "max_tokens", "layer")}
-        cache_key["hide_negated"] = self.negation_masker.backend.version if self.negation_masker else None
+        cache_key["negation_rules_version"] = self.negation_masker.backend.version if self.negation_masker else None
         self.text_cache = TextEmbeddingCache(
             lambda text: self.text_encoder.encode(text, hidden=self._hidden_tokens(text)).embeddings,
             key=json.dumps(cache_key, sort_keys=True),

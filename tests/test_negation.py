@@ -180,6 +180,6 @@ def test_batch_hidden_count_mismatch(text_encoder):
 
 def test_status_line_names_hidden_entity():
     hidden = {"assertion": "absent", "token_indices": [3, 4], "covered": True}
-    shown = {"assertion": "absent", "token_indices": [3, 5], "covered": True}
+    partly_hidden = {"assertion": "absent", "token_indices": [3, 5], "covered": True}
     assert "hidden from the model" in entity_status(hidden, [3, 4, 7])[0]
-    assert "hidden from the model" not in entity_status(shown, [3, 4, 7])[0]
+    assert "hidden from the model" not in entity_status(partly_hidden, [3, 4, 7])[0]

@@ -14,9 +14,9 @@ rules, in order:
    "however", "although", "though", "whereas", "which", "except", "apart from",
    "aside from", "other than". Commas, "and" and "or" do not end a scope, so "No
    pleural effusion, pneumothorax or cardiomegaly" negates all three findings.
-   Two exceptions start a new finding that lists do not: a comma before a number
-   ("No effusion, 2 cm mass in the right upper lobe") and "and a", "and an" or
-   "and there" ("No effusion and a 2 cm mass").
+   Two exceptions end the scope, because a negation list does not go on that
+   way: a comma before a number ("No effusion, 2 cm mass in the right upper
+   lobe") and "and a", "and an" or "and there" ("No effusion and a 2 cm mass").
    NOTE: for the same reason a negation reaches into a second clause joined by a
    comma, so "Without effusion, the lungs show emphysema" negates the emphysema.
 
